@@ -1,0 +1,156 @@
+"""
+Small frozen values shared by every layer.  No Twisted imports here.
+
+Times are floats in seconds: ``*_at`` values come from the injected clock's
+``seconds()`` (wall clock in production, a ``Clock`` in tests); durations are
+differences of those.  ``None`` always means "not observed", never zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+BackendKind = Literal["llamacpp", "ollama", "openai"]
+
+#: Health path used when a model's config names none.
+DEFAULT_HEALTH: dict[str, str] = {
+    "llamacpp": "/health",
+    "ollama": "/api/version",
+    "openai": "/v1/models",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One configured model: where it is served and how it may be used."""
+
+    name: str
+    #: Base URL without a trailing slash, e.g. ``http://127.0.0.1:8080``.
+    upstream: str
+    kind: BackendKind = "llamacpp"
+    #: Path (with optional query) polled for readiness and health.
+    health: str = "/health"
+    max_concurrency: int = 4
+    #: Models in one group share one slot: exactly one of them is resident.
+    group: str = "default"
+    #: Never swapped, always routable (an embedding server beside the GPU model).
+    always_on: bool = False
+
+    @property
+    def health_url(self) -> str:
+        return self.upstream + self.health
+
+
+UsageSource = Literal["llamacpp-timings", "openai-usage", "ollama"]
+TimedBy = Literal["backend", "router"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """
+    Token counts and timings for one response, as the backend reported them.
+
+    Every field the backend did not report is ``None``.  ``gen_tok_s`` is
+    ``timed_by="backend"`` when the backend gave a duration, ``"router"`` when
+    Jano derived it from its own observation of the stream, ``None`` when
+    nobody timed it.
+    """
+
+    source: UsageSource
+    prompt_tokens: Optional[int] = None
+    cached_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
+    prompt_ms: Optional[float] = None
+    generation_ms: Optional[float] = None
+    gen_tok_s: Optional[float] = None
+    prompt_tok_s: Optional[float] = None
+    timed_by: Optional[TimedBy] = None
+
+
+SwapResult = Literal["ok", "failed", "timeout", "not_ready"]
+
+
+@dataclass(frozen=True, slots=True)
+class SwapEvent:
+    """One swap attempt of one group, reported once it has ended."""
+
+    group: str
+    from_model: Optional[str]
+    to_model: str
+    started_at: float
+    duration: float
+    result: SwapResult
+    #: Human-readable cause when ``result != "ok"``.
+    error: Optional[str] = None
+
+
+Outcome = Literal[
+    "completed",  # the upstream body ended cleanly
+    "client_disconnected",  # the client went away (queued or mid-stream)
+    "upstream_error",  # refused, timed out, died mid-stream
+    "rejected",  # answered by Jano itself with an error (queue full, swap failed, bad input)
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """What ``/usage`` shows for one request.  Never any prompt or completion text."""
+
+    id: int
+    model: Optional[str]
+    method: str
+    path: str
+    status: Optional[int]
+    stream: bool
+    arrived_at: float
+    queue_wait: Optional[float]
+    waited_for_swap: bool
+    ttfb: Optional[float]
+    duration: Optional[float]
+    usage: Optional[Usage]
+    outcome: Outcome
+
+
+HealthState = Literal["up", "down", "loading", "unloaded", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """The scheduler's view of one model at one instant."""
+
+    name: str
+    group: str
+    always_on: bool
+    queued: int
+    in_flight: int
+    #: Arrival time of the oldest queued request, ``None`` when none waits.
+    oldest_queued_at: Optional[float]
+    #: True while this model is its group's resident (always true for always_on).
+    resident: bool
+    #: Set after a failed swap: requests fail fast until this time.
+    down_until: Optional[float] = None
+    #: Cause of the last failed swap, while ``down_until`` is set.
+    down_reason: Optional[str] = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """One swap group: which model holds its slot and whether a swap runs."""
+
+    name: str
+    resident: Optional[str]
+    #: When the resident model finished loading (``None`` if never seen loading).
+    loaded_at: Optional[float]
+    swapping_to: Optional[str] = None
+    swap_started_at: Optional[float] = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSnapshot:
+    """Everything telemetry reads from the scheduler, taken at ``at``."""
+
+    at: float
+    models: tuple[ModelState, ...]
+    groups: tuple[GroupState, ...]
+    draining: bool = False
