@@ -1,0 +1,370 @@
+"""
+Forwarding: one :class:`Exchange` per proxied request.
+
+The bytes forwarded are the bytes received.  Forwarding uses Twisted's
+``Agent`` with a persistent ``HTTPConnectionPool`` rather than
+``treq.request``: treq wraps every call in redirect-following, cookie-keeping
+and gzip-decoding agents, and a transparent proxy must do none of those.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional, Protocol as TypingProtocol
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse, UNKNOWN_LENGTH
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from jano.records import Outcome, Usage, UsageRecord
+from jano.routing import Refusal, error_body
+from jano.tee import StreamTee
+from jano.usage import TailBuffer, extract_usage, with_router_timing
+
+if TYPE_CHECKING:
+    from jano.records import ModelSpec
+    from jano.scheduler import Ticket
+
+#: RFC 9110 section 7.6.1 connection-specific fields, plus the legacy
+#: Proxy-Connection, never forwarded in either direction.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
+
+#: Bytes of each body's tail kept for token counting.
+TAIL_BYTES = 64 * 1024
+
+_STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body already in memory, written in one go.
+
+    ``twisted.web.client.FileBodyProducer`` would hand the bytes to a
+    cooperator task and cost extra reactor turns per request.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def upstream_headers(incoming: Headers, client_host: Optional[str],
+                     strip_authorization: bool) -> Headers:
+    """The request headers to send upstream: end-to-end ones, plus ``X-Forwarded-For``."""
+    drop = _NOT_FORWARDED | _connection_tokens(incoming)
+    if strip_authorization:
+        drop = drop | {b"authorization"}
+    out = Headers()
+    for name, values in incoming.getAllRawHeaders():
+        if name.lower() not in drop:
+            out.setRawHeaders(name, values)
+    if client_host:
+        prior = incoming.getRawHeaders(b"x-forwarded-for")
+        host = client_host.encode("ascii", "replace")
+        out.setRawHeaders(b"x-forwarded-for",
+                          [b", ".join(prior + [host]) if prior else host])
+    return out
+
+
+def copy_response_headers(response: IResponse, request: Request) -> None:
+    """Give the client the upstream's status and end-to-end headers, nothing of Twisted's own."""
+    request.setResponseCode(response.code, response.phrase)
+    out = request.responseHeaders
+    out.removeHeader(b"server")
+    out.removeHeader(b"date")
+    request.defaultContentType = None
+    drop = HOP_BY_HOP | _connection_tokens(response.headers)
+    for name, values in response.headers.getAllRawHeaders():
+        if name.lower() not in drop:
+            out.setRawHeaders(name, values)
+
+
+class Admission(TypingProtocol):
+    """The scheduler seam: admit a request for a model, release it when done."""
+
+    def admit(self, model: str) -> Deferred["Ticket"]: ...
+
+    def release(self, ticket: "Ticket") -> None: ...
+
+
+class Recorder(TypingProtocol):
+    def next_request_id(self) -> int: ...
+
+    def request_finished(self, record: UsageRecord) -> None: ...
+
+    def queue_rejected(self, reason: str) -> None: ...
+
+    def client_disconnected(self, model: Optional[str], phase: str) -> None: ...
+
+
+def write_error(request: Request, status: int, message: str, kind: str,
+                code: Optional[str] = None, retry_after: Optional[float] = None) -> None:
+    """Answer a request with an API-shaped JSON error and finish it."""
+    body = error_body(request.path, status, message, kind, code)
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    if retry_after is not None:
+        request.responseHeaders.setRawHeaders(
+            b"retry-after", [str(max(1, int(retry_after + 0.999))).encode()])
+    request.write(body)
+    request.finish()
+
+
+class Forwarder:
+    """Everything an :class:`Exchange` needs, shared by all of them."""
+
+    log = Logger()
+
+    def __init__(self, agent: IAgent, clock: IReactorTime, admission: Admission,
+                 recorder: Recorder, *, upstream_timeout: float = 600.0,
+                 strip_authorization: bool = False) -> None:
+        self.agent = agent
+        self.clock = clock
+        self.admission = admission
+        self.recorder = recorder
+        self.upstream_timeout = upstream_timeout
+        self.strip_authorization = strip_authorization
+
+    def refuse(self, request: Request, refusal: Refusal, arrived_at: float,
+               model: Optional[str] = None, stream: bool = False,
+               retry_after: Optional[float] = None) -> None:
+        write_error(request, refusal.status, refusal.message, refusal.kind,
+                    retry_after=retry_after)
+        self.recorder.queue_rejected(refusal.reason)
+        self.recorder.request_finished(UsageRecord(
+            id=self.recorder.next_request_id(), model=model,
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"), status=refusal.status,
+            stream=stream, arrived_at=arrived_at, queue_wait=None, waited_for_swap=False,
+            ttfb=None, duration=self.clock.seconds() - arrived_at, usage=None,
+            outcome="rejected"))
+
+
+class Exchange:
+    """
+    One proxied request, from admission to the last byte.
+
+    Phases: ``queued`` (waiting for the scheduler), ``waiting_headers``
+    (forwarded, no response yet), ``streaming`` (body flowing), ``done``.  A
+    client disconnect in any phase cancels what that phase is waiting on.
+    """
+
+    log = Logger()
+
+    def __init__(self, fwd: Forwarder, request: Request, spec: "ModelSpec", body: bytes,
+                 admit: bool, stream_hint: bool, arrived_at: float) -> None:
+        self.fwd = fwd
+        self.request = request
+        self.spec = spec
+        self.body = body
+        self.admit = admit
+        self.stream = stream_hint
+        self.arrived_at = arrived_at
+        self.phase = "new"
+        self.ticket: Optional["Ticket"] = None
+        self.status: Optional[int] = None
+        self.ttfb: Optional[float] = None
+        self.client_gone = False
+        self._waiting: Optional[Deferred[object]] = None
+        self._timeout: Optional[IDelayedCall] = None
+        self._timed_out = False
+        self._tee: Optional[StreamTee] = None
+        self._tail: Optional[TailBuffer] = None
+        self._content_type: Optional[bytes] = None
+
+    # --- phases -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.request.notifyFinish().addErrback(self._client_lost)
+        if not self.admit:
+            self._forward(None)
+            return
+        self.phase = "queued"
+        d = self.fwd.admission.admit(self.spec.name)
+        self._waiting = d  # type: ignore[assignment]
+        d.addCallbacks(self._forward, self._not_admitted)
+
+    def _not_admitted(self, failure: Failure) -> None:
+        self._waiting = None
+        if failure.check(CancelledError) and self.client_gone:
+            self._end("client_disconnected")
+            return
+        from jano.scheduler import Draining, ModelUnavailable, QueueFull
+
+        if failure.check(QueueFull):
+            exc = failure.value
+            self._refuse(Refusal(429, f"too many requests queued for model {self.spec.name!r}",
+                                 "rate_limit_error", "queue_full"),
+                         getattr(exc, "retry_after", None))
+        elif failure.check(ModelUnavailable):
+            exc = failure.value
+            self._refuse(Refusal(503, f"model {self.spec.name!r} is unavailable: "
+                                      f"{getattr(exc, 'cause', exc)}",
+                                 "unavailable_error", "model_down"),
+                         getattr(exc, "retry_after", None))
+        elif failure.check(Draining):
+            self._refuse(Refusal(503, "Jano is shutting down", "unavailable_error", "draining"),
+                         5.0)
+        else:
+            self.log.failure("admission failed for {model}", failure, model=self.spec.name)
+            self._refuse(Refusal(500, "internal error while queueing the request",
+                                 "internal_error", "other"), None)
+
+    def _refuse(self, refusal: Refusal, retry_after: Optional[float]) -> None:
+        self.phase = "done"
+        if self.client_gone:
+            self._end("client_disconnected")
+            return
+        self.fwd.refuse(self.request, refusal, self.arrived_at, self.spec.name, self.stream,
+                        retry_after)
+
+    def _forward(self, ticket: Optional["Ticket"]) -> None:
+        self._waiting = None
+        self.ticket = ticket
+        if self.client_gone:
+            self._end("client_disconnected")
+            return
+        self.phase = "waiting_headers"
+        request = self.request
+        addr = request.getClientAddress()
+        headers = upstream_headers(request.requestHeaders, getattr(addr, "host", None),
+                                   self.fwd.strip_authorization)
+        url = self.spec.upstream.encode("ascii") + request.uri
+        producer = BytesProducer(self.body) if self.body or request.method in (
+            b"POST", b"PUT", b"PATCH") else None
+        d = self.fwd.agent.request(request.method, url, headers, producer)
+        self._waiting = d  # type: ignore[assignment]
+        self._timeout = self.fwd.clock.callLater(self.fwd.upstream_timeout, self._headers_timeout)
+        d.addCallbacks(self._response, self._upstream_failed)
+
+    def _headers_timeout(self) -> None:
+        self._timeout = None
+        self._timed_out = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def _response(self, response: IResponse) -> None:
+        self._waiting = None
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        self.phase = "streaming"
+        now = self.fwd.clock.seconds()
+        self.ttfb = now - self.arrived_at
+        self.status = response.code
+        ctype = response.headers.getRawHeaders(b"content-type", [None])[0]
+        self._content_type = ctype
+        if ctype is not None:
+            self.stream = ctype.split(b";", 1)[0].strip().lower() in _STREAM_TYPES
+        encoding = response.headers.getRawHeaders(b"content-encoding", [b"identity"])[0]
+        if encoding.strip().lower() == b"identity":
+            self._tail = TailBuffer(TAIL_BYTES)
+        if not self.client_gone:
+            copy_response_headers(response, self.request)
+        self._tee = StreamTee(self.request, self._tail, self.fwd.clock, self._body_ended)
+        if self.client_gone:
+            self._tee.abort()
+        response.deliverBody(self._tee)
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._waiting = None
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        if self.client_gone:
+            self._end("client_disconnected")
+            return
+        name = self.spec.name
+        if self._timed_out:
+            status, msg = 504, (f"upstream for model {name!r} sent no response within "
+                                f"{self.fwd.upstream_timeout:g}s")
+        elif failure.check(ConnectionRefusedError, ConnectError, DNSLookupError):
+            status, msg = 502, f"upstream for model {name!r} refused the connection"
+        elif failure.check(ResponseNeverReceived):
+            status, msg = 502, f"upstream for model {name!r} closed the connection without answering"
+        else:
+            status, msg = 502, f"upstream for model {name!r} failed: {failure.getErrorMessage()}"
+        self.log.warn("{method} {path} -> {status}: {msg}", method=self.request.method,
+                      path=self.request.path, status=status, msg=msg)
+        self.status = status
+        write_error(self.request, status, msg, "upstream_error")
+        self._end("upstream_error")
+
+    def _body_ended(self, completed: bool, first_at: Optional[float], last_at: Optional[float],
+                    nbytes: int) -> None:
+        if self.client_gone:
+            self._end("client_disconnected")
+            return
+        self.request.finish()
+        if not completed:
+            self.log.warn("{model}: upstream body ended early after {n} bytes",
+                          model=self.spec.name, n=nbytes)
+            self._end("upstream_error")
+            return
+        usage: Optional[Usage] = None
+        if self._tail is not None and nbytes:
+            ctype = self._content_type.decode("latin-1") if self._content_type else None
+            usage = extract_usage(self._tail.getvalue(), ctype, truncated=self._tail.truncated)
+            if usage is not None and self.stream:
+                usage = with_router_timing(usage, first_at, last_at)
+        self._end("completed", usage)
+
+    def _client_lost(self, failure: Failure) -> None:
+        if self.phase == "done":
+            return
+        self.client_gone = True
+        self.fwd.recorder.client_disconnected(self.spec.name, self.phase)
+        if self._waiting is not None:
+            self._waiting.cancel()
+        elif self._tee is not None:
+            self._tee.abort()
+
+    def _end(self, outcome: Outcome, usage: Optional[Usage] = None) -> None:
+        if self.phase == "done":
+            return
+        self.phase = "done"
+        self._tail = None
+        if self.ticket is not None:
+            self.fwd.admission.release(self.ticket)
+        now = self.fwd.clock.seconds()
+        ticket = self.ticket
+        self.fwd.recorder.request_finished(UsageRecord(
+            id=self.fwd.recorder.next_request_id(), model=self.spec.name,
+            method=self.request.method.decode("ascii", "replace"),
+            path=self.request.path.decode("utf-8", "replace"),
+            status=self.status, stream=self.stream, arrived_at=self.arrived_at,
+            queue_wait=ticket.queue_wait if ticket is not None else (0.0 if not self.admit else None),
+            waited_for_swap=bool(ticket and ticket.waited_for_swap), ttfb=self.ttfb,
+            duration=now - self.arrived_at, usage=usage, outcome=outcome))

@@ -1,0 +1,194 @@
+"""
+The composition root: one place that builds Jano's pieces and wires them.
+
+Two doors in:
+
+* :func:`make_service` returns a ``MultiService`` (listener, health probes,
+  graceful drain) for ``twistd`` or an application's own service tree;
+* :func:`make_resource` returns the ``IResource`` alone, for an existing
+  ``Site`` to ``putChild`` (it starts the background probes itself and stops
+  them at reactor shutdown).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
+from twisted.web.resource import IResource
+
+from jano import __version__
+from jano.api import Jano, JanoResource, JanoSite
+from jano.config import Config
+from jano.proxy import Forwarder
+from jano.records import ModelSpec
+from jano.scheduler import Scheduler
+from jano.swap import ScriptSwapper, check_swap_command, http_probe
+from jano.telemetry import HealthMonitor, Telemetry
+
+#: Probes and readiness checks get their own short timeout.
+PROBE_TIMEOUT = 5.0
+
+
+def _reactor(reactor: Any) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return reactor
+
+
+class JanoService(MultiService):
+    """
+    All of one Jano: scheduler, telemetry, health monitor, proxy, and
+    (optionally) its listening port.
+
+    :param swapper: replaces the ``[swap] command`` script runner (demo mode and
+        tests use a simulated one).
+    :param agent: replaces the upstream HTTP agent (tests pass a
+        ``treq.testing.RequestTraversalAgent``).
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any = None, *, swapper: Any = None,
+                 agent: Optional[IAgent] = None,
+                 probe: Optional[Callable[[str], Deferred[int]]] = None,
+                 listen: bool = True) -> None:
+        super().__init__()
+        reactor = _reactor(reactor)
+        self.reactor = reactor
+        self.config = config
+        self._pools: list[HTTPConnectionPool] = []
+        if agent is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            # Below llama-server's and Node's 5 s keep-alive, so a pooled
+            # connection is rarely reused just as the backend closes it.
+            pool.cachedConnectionTimeout = 3
+            pool.maxPersistentPerHost = 64
+            pool.retryAutomatically = True
+            self._pools.append(pool)
+            agent = Agent(reactor, pool=pool)
+        if probe is None:
+            import treq.client
+
+            probe_pool = HTTPConnectionPool(reactor, persistent=False)
+            self._pools.append(probe_pool)
+            probe = http_probe(treq.client.HTTPClient(Agent(reactor, pool=probe_pool)),
+                               timeout=PROBE_TIMEOUT)
+        if swapper is None:
+            if config.swap.command:
+                check_swap_command(config.swap.command)
+            swapper = ScriptSwapper(reactor, config.swap.command,
+                                    swap_timeout=config.scheduler.swap_timeout,
+                                    ready_timeout=config.scheduler.ready_timeout, probe=probe)
+        self.swapper = swapper
+        started_at = reactor.seconds()
+        self.scheduler = Scheduler(config.models, swapper, reactor,
+                                   max_wait=config.scheduler.max_wait,
+                                   max_queue=config.scheduler.max_queue,
+                                   retry_backoff=config.scheduler.retry_backoff,
+                                   initial=config.scheduler.initial_model,
+                                   on_swap=self._swap_finished)
+        self.health = HealthMonitor(reactor, config.models, probe,
+                                    interval=config.telemetry.health_interval,
+                                    is_resident=self._is_resident)
+        self.health.setServiceParent(self)
+        self.telemetry = Telemetry(reactor, config.models, version=__version__,
+                                   snapshot=self.scheduler.snapshot, health=self.health.states,
+                                   usage_ring=config.telemetry.usage_ring)
+        self.forwarder = Forwarder(agent, reactor, self.scheduler, self.telemetry,
+                                   upstream_timeout=config.server.upstream_timeout,
+                                   strip_authorization=config.server.api_key is not None)
+        self.jano = Jano(config.models, self.forwarder, self.telemetry, self._fallback,
+                         clock=reactor, api_key=config.server.api_key,
+                         telemetry_key=config.server.telemetry_key, started_at=started_at,
+                         usage_ring=config.telemetry.usage_ring,
+                         thrash_swaps_per_hour=config.telemetry.thrash_swaps_per_hour)
+        self.resource = JanoResource(self.jano)
+        self.site = JanoSite(self.resource, max_body_bytes=config.server.max_body_bytes)
+        self.listener: Optional[Any] = None
+        if listen:
+            self.listener = strports.service(config.server.listen, self.site, reactor=reactor)
+            self.listener.setServiceParent(self)
+
+    # --- wiring helpers -------------------------------------------------------------
+
+    def _swap_finished(self, event: Any) -> None:
+        level = self.log.info if event.result == "ok" else self.log.warn
+        level("swap {group}: {from_model} -> {to_model} {result} in {duration:.2f}s{error}",
+              group=event.group, from_model=event.from_model, to_model=event.to_model,
+              result=event.result, duration=event.duration,
+              error=f" ({event.error})" if event.error else "")
+        self.telemetry.swap_finished(event)
+
+    def _residents(self) -> Mapping[str, Optional[str]]:
+        return {g.name: g.resident for g in self.scheduler.snapshot().groups}
+
+    def _is_resident(self, spec: ModelSpec) -> bool:
+        return spec.always_on or self._residents().get(spec.group) == spec.name
+
+    def _fallback(self) -> Optional[ModelSpec]:
+        """The loaded model for requests that name none: the first group's resident, else the first model."""
+        models = self.jano.models
+        residents = self._residents()
+        for spec in models:
+            if not spec.always_on and residents.get(spec.group) == spec.name:
+                return spec
+        return models[0] if models else None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        """Stop accepting, let in-flight requests finish (up to the grace period), then close."""
+        self.jano.draining = True
+        stops: list[Deferred[Any]] = []
+        if self.listener is not None and self.listener.running:
+            stops.append(maybeDeferred(self.listener.stopService))
+        drained = self.scheduler.drain()
+        grace = self.config.server.shutdown_grace
+        timer = self.reactor.callLater(grace, drained.cancel) if grace > 0 else None
+        if timer is None:
+            drained.cancel()
+
+        def finish(_: object) -> Deferred[Any]:
+            if timer is not None and timer.active():
+                timer.cancel()
+            others = [s for s in self if s is not self.listener]
+            for s in others:
+                if s.running:
+                    stops.append(maybeDeferred(s.stopService))
+            self.running = False
+            for pool in self._pools:
+                stops.append(pool.closeCachedConnections())
+            return DeferredList(stops, consumeErrors=True)
+
+        drained.addErrback(lambda _: None)
+        return drained.addCallback(finish).addCallback(lambda _: None)
+
+
+def make_service(config: Config, reactor: Any = None, **kw: Any) -> JanoService:
+    """A ``MultiService`` running Jano on ``config.server.listen``."""
+    return JanoService(config, reactor, **kw)
+
+
+def make_resource(config: Config, reactor: Any = None, **kw: Any) -> IResource:
+    """
+    Jano as a resource for an existing ``Site`` (``root.putChild(b"llm", ...)``).
+
+    The health probes start now and stop when the reactor shuts down.  Mount it
+    on a ``jano.api.JanoSite`` to get Jano's bounded in-memory request bodies;
+    on a plain ``Site``, Twisted's own body handling applies.
+    """
+    reactor = _reactor(reactor)
+    svc = JanoService(config, reactor, listen=False, **kw)
+    svc.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    resource = svc.resource
+    resource.service = svc  # type: ignore[attr-defined]
+    return resource

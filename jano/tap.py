@@ -1,0 +1,122 @@
+"""
+``twistd jano``: options and ``makeService``.  The only module that touches
+the global reactor.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+from twisted.application.service import IService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from jano.config import Config, ConfigError, find_config, load_config
+
+log = Logger()
+
+DEMO_MODELS = ("demo-chat", "demo-coder")
+
+
+class Options(usage.Options):
+    """Command line of ``twistd jano``."""
+
+    synopsis = "[--config PATH] [--listen ENDPOINT] [--demo]"
+    longdesc = ("Route OpenAI, Ollama and llama.cpp requests to local model servers, "
+                "swapping models as rarely as possible.  Without --config, looks for "
+                "./jano.toml, $XDG_CONFIG_HOME/jano/jano.toml and /etc/jano/jano.toml, "
+                "and starts in demo mode when there is none.")
+    optParameters = [
+        ["config", "c", None, "Path of the TOML configuration file."],
+        ["listen", "l", None,
+         "Twisted endpoint to listen on (default from the config, else "
+         "tcp:8000:interface=127.0.0.1)."],
+    ]
+    optFlags = [
+        ["demo", None, "Serve two simulated models on loopback (no real backend needed)."],
+    ]
+
+    config: Optional[Config] = None
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if self["demo"] and path:
+            raise usage.UsageError("--demo and --config exclude each other")
+        if not self["demo"]:
+            found = Path(path) if path else find_config()
+            if found is not None:
+                try:
+                    self.config = load_config(found)
+                except ConfigError as e:
+                    # One clear line, no traceback, non-zero exit.
+                    raise SystemExit(f"jano: bad configuration: {e}") from None
+        listen = self["listen"] or (self.config.server.listen if self.config else None)
+        if listen:
+            from twisted.internet import reactor
+            from twisted.internet.endpoints import serverFromString
+
+            try:  # builds the endpoint without listening: a bad string fails here, clearly
+                serverFromString(reactor, listen)
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"jano: bad listen endpoint {listen!r}: {e}") from None
+
+
+def demo_service(reactor: Any, listen: str) -> IService:
+    """Jano in front of two in-process fake model servers with a simulated swap."""
+    from twisted.web.server import Site
+
+    from jano.config import DEFAULT_LISTEN, SchedulerConfig, ServerConfig, SwapConfig
+    from jano.records import ModelSpec
+    from jano.service import JanoService
+    from jano.testing import FakeModelServer, SimulatedSwapper
+
+    servers = {}
+    specs = []
+    for name in DEMO_MODELS:
+        fake = FakeModelServer(reactor, models=(name,), flavor="llamacpp", gen_tok_s=40.0,
+                               default_delay=0.025)
+        port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
+        servers[name] = fake
+        specs.append(ModelSpec(name=name, upstream=f"http://127.0.0.1:{port.getHost().port}",
+                               kind="llamacpp", health="/health", max_concurrency=4))
+    config = Config(models=tuple(specs), server=ServerConfig(listen=listen or DEFAULT_LISTEN),
+                    scheduler=SchedulerConfig(max_wait=30.0), swap=SwapConfig(()), demo=True)
+    log.info("demo mode: simulated models {models} on {upstreams}; swaps take ~1.5 s",
+             models=", ".join(DEMO_MODELS), upstreams=", ".join(s.upstream for s in specs))
+    return JanoService(config, reactor, swapper=SimulatedSwapper(reactor, servers, delay=1.5))
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    config = options.config
+    if config is None:
+        if not options["demo"]:
+            log.warn("no configuration found (looked in {paths}); starting in demo mode",
+                     paths="./jano.toml, $XDG_CONFIG_HOME/jano/jano.toml, /etc/jano/jano.toml")
+        svc = demo_service(reactor, options["listen"])
+    else:
+        if options["listen"]:
+            from dataclasses import replace
+
+            config = replace(config, server=replace(config.server, listen=options["listen"]))
+        from jano.service import JanoService
+
+        try:
+            svc = JanoService(config, reactor)
+        except Exception as e:  # bad swap command and the like: one line, no traceback
+            from jano.swap import SwapCommandError
+
+            if isinstance(e, SwapCommandError):
+                raise SystemExit(f"jano: bad configuration: swap.command: {e}") from None
+            raise
+        source = config.source
+
+        def reload(*_: object) -> None:
+            reactor.callFromThread(svc.reload_from, source)
+
+        if source is not None and hasattr(signal, "SIGHUP") and hasattr(svc, "reload_from"):
+            signal.signal(signal.SIGHUP, reload)
+    return svc

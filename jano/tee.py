@@ -1,0 +1,80 @@
+"""
+The stream tee: the upstream body goes to the client chunk by chunk, and its
+tail goes to a bounded buffer for token counting.  Nothing else is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+
+from jano.usage import TailBuffer
+
+#: Called once when the body ends: (completed?, first chunk at, last chunk at, bytes).
+OnBodyEnd = Callable[[bool, Optional[float], Optional[float], int], None]
+
+
+class StreamTee(Protocol):
+    """
+    ``IResponse.deliverBody`` target that writes each upstream chunk to the
+    client as it arrives.
+
+    The upstream transport is registered as a streaming producer on the client
+    request, so when the client's socket buffer fills Twisted pauses the
+    upstream socket: memory stays bounded by the kernel buffers whatever the
+    response size.  :meth:`abort` drops the upstream connection, which is what
+    makes llama-server stop generating.
+    """
+
+    def __init__(self, request: Request, tail: Optional[TailBuffer], clock: IReactorTime,
+                 on_end: OnBodyEnd) -> None:
+        self._request = request
+        self._tail = tail
+        self._clock = clock
+        self._on_end: Optional[OnBodyEnd] = on_end
+        self.first_at: Optional[float] = None
+        self.last_at: Optional[float] = None
+        self.bytes = 0
+        self._client_gone = False
+
+    def connectionMade(self) -> None:
+        if self._client_gone:
+            self.transport.stopProducing()
+        else:
+            self._request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        now = self._clock.seconds()
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
+        self.bytes += len(data)
+        if not self._client_gone:
+            self._request.write(data)
+        if self._tail is not None:
+            self._tail.feed(data)
+
+    def abort(self) -> None:
+        """The client went away: stop writing and drop the upstream connection."""
+        if self._client_gone:
+            return
+        self._client_gone = True
+        if self.transport is not None:
+            self._request.unregisterProducer()
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if not self._client_gone:
+            self._request.unregisterProducer()
+        # PotentialDataLoss: a body delimited by connection close (HTTP/1.0
+        # style); nothing says it was cut short, so it counts as complete.
+        completed = reason.check(ResponseDone, PotentialDataLoss) is not None
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(completed, self.first_at, self.last_at, self.bytes)
