@@ -177,7 +177,8 @@ class JanoResource(Resource):
             fwd.refuse(request, Refusal(400, "invalid path", "invalid_request_error",
                                         "bad_request"), arrived)
             return NOT_DONE_YET
-        body = request.content.getvalue()
+        request.content.seek(0)
+        body = request.content.read()
         decision = route(request.method, path, body, request.getHeader(MODEL_HEADER),
                          jano.by_name, jano.fallback())
         if isinstance(decision, Refusal):
@@ -188,8 +189,12 @@ class JanoResource(Resource):
                                         "draining"), arrived, decision.spec.name,
                        retry_after=5.0)
             return NOT_DONE_YET
+        uri = request.uri
+        if request.prepath:  # mounted below a prefix: forward only what is below it
+            _, q, query = uri.partition(b"?")
+            uri = path + q + query
         Exchange(fwd, request, decision.spec, body, decision.admit, decision.stream_hint,
-                 arrived).start()
+                 arrived, uri).start()
         return NOT_DONE_YET
 
 

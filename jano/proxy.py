@@ -184,8 +184,10 @@ class Exchange:
     log = Logger()
 
     def __init__(self, fwd: Forwarder, request: Request, spec: "ModelSpec", body: bytes,
-                 admit: bool, stream_hint: bool, arrived_at: float) -> None:
+                 admit: bool, stream_hint: bool, arrived_at: float,
+                 uri: Optional[bytes] = None) -> None:
         self.fwd = fwd
+        self.uri = uri if uri is not None else request.uri
         self.request = request
         self.spec = spec
         self.body = body
@@ -261,7 +263,7 @@ class Exchange:
         addr = request.getClientAddress()
         headers = upstream_headers(request.requestHeaders, getattr(addr, "host", None),
                                    self.fwd.strip_authorization)
-        url = self.spec.upstream.encode("ascii") + request.uri
+        url = self.spec.upstream.encode("ascii") + self.uri
         producer = BytesProducer(self.body) if self.body or request.method in (
             b"POST", b"PUT", b"PATCH") else None
         d = self.fwd.agent.request(request.method, url, headers, producer)

@@ -24,11 +24,11 @@ from twisted.web.resource import IResource
 
 from jano import __version__
 from jano.api import Jano, JanoResource, JanoSite
-from jano.config import Config
+from jano.config import Config, ConfigError, load_config
 from jano.proxy import Forwarder
 from jano.records import ModelSpec
 from jano.scheduler import Scheduler
-from jano.swap import ScriptSwapper, check_swap_command, http_probe
+from jano.swap import ScriptSwapper, SwapCommandError, check_swap_command, http_probe
 from jano.telemetry import HealthMonitor, Telemetry
 
 #: Probes and readiness checks get their own short timeout.
@@ -81,6 +81,7 @@ class JanoService(MultiService):
             self._pools.append(probe_pool)
             probe = http_probe(treq.client.HTTPClient(Agent(reactor, pool=probe_pool)),
                                timeout=PROBE_TIMEOUT)
+        self.probe = probe
         if swapper is None:
             if config.swap.command:
                 check_swap_command(config.swap.command)
@@ -141,6 +142,50 @@ class JanoService(MultiService):
             if not spec.always_on and residents.get(spec.group) == spec.name:
                 return spec
         return models[0] if models else None
+
+    # --- reload -------------------------------------------------------------------------
+
+    def reload_from(self, path: Optional[str]) -> bool:
+        """``SIGHUP``: re-read the config file; on any error keep running the old one."""
+        if path is None:
+            return False
+        try:
+            new = load_config(path)
+            if new.swap.command and new.swap.command != self.config.swap.command:
+                check_swap_command(new.swap.command)
+        except (ConfigError, SwapCommandError) as e:
+            self.log.error("config reload refused, keeping the running config: {error}", error=e)
+            return False
+        self.reload(new)
+        return True
+
+    def reload(self, new: Config) -> None:
+        """Apply a validated config without dropping queued or in-flight requests."""
+        old = self.config
+        if new.server.listen != old.server.listen:
+            self.log.warn("server.listen changed to {listen}: takes effect at the next restart",
+                          listen=new.server.listen)
+        self.scheduler.reconfigure(new.models, max_wait=new.scheduler.max_wait,
+                                   max_queue=new.scheduler.max_queue)
+        if isinstance(self.swapper, ScriptSwapper):
+            self.swapper = ScriptSwapper(self.reactor, new.swap.command,
+                                         swap_timeout=new.scheduler.swap_timeout,
+                                         ready_timeout=new.scheduler.ready_timeout,
+                                         probe=self.probe)
+            self.scheduler.swapper = self.swapper
+        self.telemetry.set_models(new.models)
+        self.health.set_models(new.models)
+        self.forwarder.upstream_timeout = new.server.upstream_timeout
+        self.forwarder.strip_authorization = new.server.api_key is not None
+        self.site.max_body_bytes = new.server.max_body_bytes
+        jano = self.jano
+        jano.api_key = new.server.api_key
+        jano.telemetry_key = new.server.telemetry_key
+        jano.thrash_swaps_per_hour = new.telemetry.thrash_swaps_per_hour
+        jano.set_models(new.models)
+        self.config = new
+        self.log.info("config reloaded from {source}: {n} models", source=new.source,
+                      n=len(new.models))
 
     # --- lifecycle ----------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ class Options(usage.Options):
 
 def demo_service(reactor: Any, listen: str) -> IService:
     """Jano in front of two in-process fake model servers with a simulated swap."""
-    from twisted.web.server import Site
+    from jano.api import JanoSite
 
     from jano.config import DEFAULT_LISTEN, SchedulerConfig, ServerConfig, SwapConfig
     from jano.records import ModelSpec
@@ -77,7 +77,7 @@ def demo_service(reactor: Any, listen: str) -> IService:
     for name in DEMO_MODELS:
         fake = FakeModelServer(reactor, models=(name,), flavor="llamacpp", gen_tok_s=40.0,
                                default_delay=0.025)
-        port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
+        port = reactor.listenTCP(0, JanoSite(fake.resource()), interface="127.0.0.1")
         servers[name] = fake
         specs.append(ModelSpec(name=name, upstream=f"http://127.0.0.1:{port.getHost().port}",
                                kind="llamacpp", health="/health", max_concurrency=4))

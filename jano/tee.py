@@ -66,12 +66,17 @@ class StreamTee(Protocol):
             return
         self._client_gone = True
         if self.transport is not None:
-            self._request.unregisterProducer()
+            self._unregister()
             self.transport.stopProducing()
+
+    def _unregister(self) -> None:
+        # A request whose connection is gone has no channel left to unregister from.
+        if getattr(self._request, "channel", True) is not None:
+            self._request.unregisterProducer()
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         if not self._client_gone:
-            self._request.unregisterProducer()
+            self._unregister()
         # PotentialDataLoss: a body delimited by connection close (HTTP/1.0
         # style); nothing says it was cut short, so it counts as complete.
         completed = reason.check(ResponseDone, PotentialDataLoss) is not None
