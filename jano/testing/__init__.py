@@ -10,7 +10,8 @@ Public test helpers: Jano's tests use them, and so can yours.
   testing swap scripts' handling without real processes.
 """
 
-from jano.testing._process import FakeProcessReactor
+from jano.testing._process import ANY, FakeProcess, FakeProcessReactor
 from jano.testing._server import FakeModelServer, SeenRequest, SimulatedSwapper
 
-__all__ = ["FakeModelServer", "FakeProcessReactor", "SeenRequest", "SimulatedSwapper"]
+__all__ = ["ANY", "FakeModelServer", "FakeProcess", "FakeProcessReactor", "SeenRequest",
+           "SimulatedSwapper"]
