@@ -228,7 +228,12 @@ def make_api(jano: Jano) -> Klein:
 
     @app.route("/status", methods=["GET", "HEAD"])
     def status(request: Request) -> bytes:
-        return guard(request, jano.telemetry_key) or _json(request, 200, jano.telemetry.status())
+        denied = guard(request, jano.telemetry_key)
+        if denied:
+            return denied
+        body = jano.telemetry.status()
+        body["thrashSwapsPerHour"] = jano.thrash_swaps_per_hour
+        return _json(request, 200, body)
 
     @app.route("/usage", methods=["GET", "HEAD"])
     def usage(request: Request) -> bytes:

@@ -71,6 +71,23 @@ REJECTION_REASONS: tuple[str, ...] = (
 )
 #: Label values of ``jano_client_disconnects_total{phase}``; anything else is "other".
 DISCONNECT_PHASES: tuple[str, ...] = ("queued", "waiting_headers", "streaming", "other")
+#: Swaps listed in ``/status`` ``recentSwaps``.
+RECENT_SWAPS = 50
+
+
+def _swap_entry(event: SwapEvent) -> dict[str, object]:
+    return {
+        "group": event.group,
+        "from": event.from_model,
+        "to": event.to_model,
+        "result": event.result,
+        "error": event.error,
+        "durationMs": _ms(event.duration),
+        "startedAt": _iso(event.started_at),
+        "at": _iso(event.started_at + event.duration),
+    }
+
+
 #: Label values of ``jano_model_swaps_total{result}``; anything else is "other".
 SWAP_RESULTS: tuple[str, ...] = ("ok", "failed", "timeout", "not_ready")
 
@@ -232,6 +249,8 @@ class Telemetry:
         # (started at, group) of finished swap attempts
         self._swap_starts: deque[tuple[float, str]] = deque(maxlen=_WINDOW_MAX)
         self._last_swap: Optional[SwapEvent] = None
+        #: The dashboard's swap timeline: the newest swaps, newest last.
+        self._recent_swaps: deque[SwapEvent] = deque(maxlen=RECENT_SWAPS)
 
         self._requests_total = 0
         self._served_total = 0
@@ -441,6 +460,7 @@ class Telemetry:
         if event.duration >= 0:
             self._swap_duration.labels(label, result).observe(event.duration)
         self._last_swap = event
+        self._recent_swaps.append(event)
         self._expire_swaps(self._clock.seconds())
         self._swap_starts.append((event.started_at, event.group))
 
@@ -546,18 +566,7 @@ class Telemetry:
         }
 
         last = self._last_swap
-        last_swap: Optional[dict[str, object]] = None
-        if last is not None:
-            last_swap = {
-                "group": last.group,
-                "from": last.from_model,
-                "to": last.to_model,
-                "result": last.result,
-                "error": last.error,
-                "durationMs": _ms(last.duration),
-                "startedAt": _iso(last.started_at),
-                "at": _iso(last.started_at + last.duration),
-            }
+        last_swap = _swap_entry(last) if last is not None else None
         recent, recent_by_model = self._recent_gen_tok_s(now)
 
         return {
@@ -574,6 +583,7 @@ class Telemetry:
             "oldestWaitingMs": _ms(max(0.0, now - oldest)) if oldest is not None else None,
             "lastSwapDurationMs": _ms(last.duration) if last is not None else None,
             "lastSwap": last_swap,
+            "recentSwaps": [_swap_entry(e) for e in reversed(self._recent_swaps)],
             "swapsLastHour": self._swaps_last_hour(now, snap),
             "recentGenTokS": recent,
             "recentGenTokSByModel": recent_by_model,

@@ -821,3 +821,17 @@ def test_health_set_models() -> None:
     assert probe.urls()[-1] == "http://127.0.0.1:9999/health"
     assert monitor.states() == {"big": "up", "small": "up"}
     monitor.stopService()
+
+
+def test_recent_swaps_list_is_bounded_and_newest_first() -> None:
+    from jano.telemetry import RECENT_SWAPS
+
+    clock = Clock()
+    snap = SchedulerSnapshot(at=0.0, models=(), groups=())
+    t = Telemetry(clock, (), version="x", snapshot=lambda: snap, health=lambda: {})
+    assert t.status()["recentSwaps"] == []
+    for i in range(RECENT_SWAPS + 5):
+        t.swap_finished(SwapEvent("default", None, f"m{i}", float(i), 1.0, "ok"))
+    swaps = t.status()["recentSwaps"]
+    assert isinstance(swaps, list) and len(swaps) == RECENT_SWAPS
+    assert swaps[0]["to"] == f"m{RECENT_SWAPS + 4}" and swaps[-1]["to"] == "m5"
