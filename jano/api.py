@@ -79,10 +79,28 @@ class JanoRequest(server.Request):
         super().process()
 
 
+def _raw_error(status: bytes, message: str) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                 "code": int(status.split()[0])}}).encode()
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class JanoChannel(http.HTTPChannel):
+    """HTTP/1.1 channel that answers an over-long header line with 431 instead of a silent close."""
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(_raw_error(b"431 Request Header Fields Too Large",
+                                            f"a request line or header exceeds {self.MAX_LENGTH} bytes"))
+            self.loseConnection()
+
+
 class JanoSite(server.Site):
     """A ``Site`` using :class:`JanoRequest`, without per-request access logging."""
 
     requestFactory = JanoRequest
+    protocol = JanoChannel
 
     def __init__(self, resource: Resource, *, max_body_bytes: int = 8 * 1024 * 1024,
                  **kw: Any) -> None:

@@ -149,12 +149,14 @@ class Forwarder:
 
     def __init__(self, agent: IAgent, clock: IReactorTime, admission: Admission,
                  recorder: Recorder, *, upstream_timeout: float = 600.0,
+                 idle_write_timeout: Optional[float] = 300.0,
                  strip_authorization: bool = False) -> None:
         self.agent = agent
         self.clock = clock
         self.admission = admission
         self.recorder = recorder
         self.upstream_timeout = upstream_timeout
+        self.idle_write_timeout = idle_write_timeout
         self.strip_authorization = strip_authorization
 
     def refuse(self, request: Request, refusal: Refusal, arrived_at: float,
@@ -295,7 +297,9 @@ class Exchange:
             self._tail = TailBuffer(TAIL_BYTES)
         if not self.client_gone:
             copy_response_headers(response, self.request)
-        self._tee = StreamTee(self.request, self._tail, self.fwd.clock, self._body_ended)
+        self._tee = StreamTee(self.request, self._tail, self.fwd.clock, self._body_ended,
+                              stall_timeout=self.fwd.idle_write_timeout,
+                              on_stall=self._client_stalled)
         if self.client_gone:
             self._tee.abort()
         response.deliverBody(self._tee)
@@ -342,6 +346,14 @@ class Exchange:
             if usage is not None and self.stream:
                 usage = with_router_timing(usage, first_at, last_at)
         self._end("completed", usage)
+
+    def _client_stalled(self) -> None:
+        """The client read nothing for ``idle_write_timeout``: free its connection and the upstream."""
+        self.log.warn("{model}: client read nothing for {t:g}s; dropping it",
+                      model=self.spec.name, t=self.fwd.idle_write_timeout)
+        channel = self.request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()  # fires notifyFinish's errback -> _client_lost
 
     def _client_lost(self, failure: Failure) -> None:
         if self.phase == "done":

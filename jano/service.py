@@ -18,7 +18,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
@@ -33,6 +33,16 @@ from jano.telemetry import HealthMonitor, Telemetry
 
 #: Probes and readiness checks get their own short timeout.
 PROBE_TIMEOUT = 5.0
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log line per upstream connection
+
+
+class QuietPool(HTTPConnectionPool):
+    """A connection pool that does not log every connection it opens."""
+
+    _factory = _QuietFactory
 
 
 def _reactor(reactor: Any) -> Any:
@@ -66,7 +76,7 @@ class JanoService(MultiService):
         self.config = config
         self._pools: list[HTTPConnectionPool] = []
         if agent is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = QuietPool(reactor, persistent=True)
             # Below llama-server's and Node's 5 s keep-alive, so a pooled
             # connection is rarely reused just as the backend closes it.
             pool.cachedConnectionTimeout = 3
@@ -77,7 +87,7 @@ class JanoService(MultiService):
         if probe is None:
             import treq.client
 
-            probe_pool = HTTPConnectionPool(reactor, persistent=False)
+            probe_pool = QuietPool(reactor, persistent=False)
             self._pools.append(probe_pool)
             probe = http_probe(treq.client.HTTPClient(Agent(reactor, pool=probe_pool)),
                                timeout=PROBE_TIMEOUT)
@@ -105,6 +115,7 @@ class JanoService(MultiService):
                                    usage_ring=config.telemetry.usage_ring)
         self.forwarder = Forwarder(agent, reactor, self.scheduler, self.telemetry,
                                    upstream_timeout=config.server.upstream_timeout,
+                                   idle_write_timeout=config.server.idle_write_timeout,
                                    strip_authorization=config.server.api_key is not None)
         self.jano = Jano(config.models, self.forwarder, self.telemetry, self._fallback,
                          clock=reactor, api_key=config.server.api_key,
@@ -176,6 +187,7 @@ class JanoService(MultiService):
         self.telemetry.set_models(new.models)
         self.health.set_models(new.models)
         self.forwarder.upstream_timeout = new.server.upstream_timeout
+        self.forwarder.idle_write_timeout = new.server.idle_write_timeout
         self.forwarder.strip_authorization = new.server.api_key is not None
         self.site.max_body_bytes = new.server.max_body_bytes
         jano = self.jano

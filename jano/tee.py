@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
+
+from zope.interface import implementer
 
 from jano.usage import TailBuffer
 
@@ -20,24 +22,31 @@ from jano.usage import TailBuffer
 OnBodyEnd = Callable[[bool, Optional[float], Optional[float], int], None]
 
 
+@implementer(IPushProducer)
 class StreamTee(Protocol):
     """
     ``IResponse.deliverBody`` target that writes each upstream chunk to the
     client as it arrives.
 
-    The upstream transport is registered as a streaming producer on the client
-    request, so when the client's socket buffer fills Twisted pauses the
-    upstream socket: memory stays bounded by the kernel buffers whatever the
-    response size.  :meth:`abort` drops the upstream connection, which is what
-    makes llama-server stop generating.
+    The tee registers itself as the streaming producer of the client request
+    and passes pause/resume on to the upstream transport: when the client's
+    socket buffer fills, Twisted pauses the upstream socket, so memory stays
+    bounded by the kernel buffers whatever the response size.  A client that
+    stays paused for ``stall_timeout`` seconds is given up on (``on_stall``).
+    :meth:`abort` drops the upstream connection, which is what makes
+    llama-server stop generating.
     """
 
     def __init__(self, request: Request, tail: Optional[TailBuffer], clock: IReactorTime,
-                 on_end: OnBodyEnd) -> None:
+                 on_end: OnBodyEnd, *, stall_timeout: Optional[float] = None,
+                 on_stall: Optional[Callable[[], None]] = None) -> None:
         self._request = request
         self._tail = tail
         self._clock = clock
         self._on_end: Optional[OnBodyEnd] = on_end
+        self._stall_timeout = stall_timeout
+        self._on_stall = on_stall
+        self._stall_call: Optional[IDelayedCall] = None
         self.first_at: Optional[float] = None
         self.last_at: Optional[float] = None
         self.bytes = 0
@@ -47,7 +56,32 @@ class StreamTee(Protocol):
         if self._client_gone:
             self.transport.stopProducing()
         else:
-            self._request.registerProducer(self.transport, True)
+            self._request.registerProducer(self, True)
+
+    # IPushProducer, driven by the client connection's flow control.
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+        if self._stall_timeout is not None and self._stall_call is None:
+            self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._cancel_stall()
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abort()
+
+    def _cancel_stall(self) -> None:
+        if self._stall_call is not None:
+            if self._stall_call.active():
+                self._stall_call.cancel()
+            self._stall_call = None
+
+    def _stalled(self) -> None:
+        self._stall_call = None
+        if self._on_stall is not None and not self._client_gone:
+            self._on_stall()
 
     def dataReceived(self, data: bytes) -> None:
         now = self._clock.seconds()
@@ -65,6 +99,7 @@ class StreamTee(Protocol):
         if self._client_gone:
             return
         self._client_gone = True
+        self._cancel_stall()
         if self.transport is not None:
             self._unregister()
             self.transport.stopProducing()
@@ -75,6 +110,7 @@ class StreamTee(Protocol):
             self._request.unregisterProducer()
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self._cancel_stall()
         if not self._client_gone:
             self._unregister()
         # PotentialDataLoss: a body delimited by connection close (HTTP/1.0

@@ -56,7 +56,7 @@ def _tee(clock: Clock) -> tuple[StreamTee, FakeRequest, FakeTransport, list[tupl
 def test_chunks_are_written_as_they_arrive_and_upstream_is_the_producer() -> None:
     clock = Clock()
     tee, req, transport, ends = _tee(clock)
-    assert req.producer is transport and req.streaming is True
+    assert req.producer is tee and req.streaming is True
     tee.dataReceived(b"data: 1\n\n")
     assert req.writes == [b"data: 1\n\n"]  # before any further chunk exists
     clock.advance(2)
@@ -106,3 +106,41 @@ def test_abort_before_body_starts_stops_upstream_on_connect() -> None:
     tee.abort()
     tee.makeConnection(transport)
     assert transport.stopped == 1 and req.producer is None
+
+
+class PausableTransport(FakeTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = 0
+        self.resumed = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+
+def test_client_flow_control_reaches_upstream_and_a_stall_is_given_up_on() -> None:
+    clock, req, transport, stalls = Clock(), FakeRequest(), PausableTransport(), []
+    tee = StreamTee(req, None, clock, lambda *a: None,  # type: ignore[arg-type]
+                    stall_timeout=30.0, on_stall=lambda: stalls.append(clock.seconds()))
+    tee.makeConnection(transport)
+    tee.pauseProducing()  # the client's socket buffer is full
+    assert transport.paused == 1
+    clock.advance(29)
+    tee.resumeProducing()  # it read in time
+    assert transport.resumed == 1 and stalls == []
+    clock.advance(100)
+    assert stalls == []  # the timer went with the resume
+    tee.pauseProducing()
+    clock.advance(30)
+    assert stalls == [159.0]
+
+
+def test_stop_producing_from_the_client_side_aborts_upstream() -> None:
+    clock, req, transport = Clock(), FakeRequest(), PausableTransport()
+    tee = StreamTee(req, None, clock, lambda *a: None)  # type: ignore[arg-type]
+    tee.makeConnection(transport)
+    tee.stopProducing()
+    assert transport.stopped == 1
