@@ -63,14 +63,11 @@ class JanoRequest(server.Request):
         self._too_large = True
         self.content = BytesIO()
         path = self.uri.split(b"?", 1)[0] if self.uri else b"/"
-        body = error_body(path, 413, f"request body larger than {self.max_body_bytes} bytes",
-                          "invalid_request_error")
         channel = self.channel
         if channel is not None and channel.transport is not None:
-            channel.transport.write(
-                b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
-                b"connection: close\r\ncontent-length: " + str(len(body)).encode()
-                + b"\r\n\r\n" + body)
+            channel.transport.write(_raw_error(
+                b"413 Content Too Large", f"request body larger than {self.max_body_bytes} bytes",
+                ollama=path.startswith(b"/api/")))
             channel.loseConnection()
 
     def process(self) -> None:
@@ -79,9 +76,10 @@ class JanoRequest(server.Request):
         super().process()
 
 
-def _raw_error(status: bytes, message: str) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                 "code": int(status.split()[0])}}).encode()
+def _raw_error(status: bytes, message: str, ollama: bool = False) -> bytes:
+    """A whole HTTP response for errors found before a request object can answer."""
+    body = error_body(b"/api/" if ollama else b"/", int(status.split()[0]), message,
+                      "invalid_request_error")
     return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
