@@ -1,0 +1,720 @@
+"""
+The scheduler's policy, driven by hand: a ``Clock`` for time and a fake
+swapper whose swaps the test completes (or fails) explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from jano.records import ModelSpec, SwapEvent
+from jano.scheduler import (
+    DEFAULT_RETRY_AFTER,
+    Draining,
+    ModelUnavailable,
+    QueueFull,
+    Scheduler,
+    Ticket,
+)
+
+
+def spec(name: str, group: str = "gpu", conc: int = 4, always_on: bool = False) -> ModelSpec:
+    return ModelSpec(name, f"http://127.0.0.1:1/{name}", max_concurrency=conc, group=group,
+                     always_on=always_on)
+
+
+class SwapFailure(Exception):
+    """What the real swapper raises: a result and a one-line cause."""
+
+    def __init__(self, result: str, cause: str) -> None:
+        super().__init__(cause)
+        self.result = result
+        self.cause = cause
+
+
+@dataclass
+class SwapCall:
+    group: str
+    previous: Optional[str]
+    target: str
+    d: Deferred[None] = field(default_factory=Deferred)
+
+    def succeed(self) -> None:
+        self.d.callback(None)
+
+    def fail(self, exc: Exception) -> None:
+        self.d.errback(Failure(exc))
+
+
+class FakeSwapper:
+    """Records every swap; the test fires each one by hand."""
+
+    def __init__(self) -> None:
+        self.calls: list[SwapCall] = []
+
+    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
+        call = SwapCall(group, previous.name if previous else None, target.name)
+        self.calls.append(call)
+        return call.d
+
+    @property
+    def pending(self) -> list[SwapCall]:
+        return [c for c in self.calls if not c.d.called]
+
+    def last(self) -> SwapCall:
+        return self.calls[-1]
+
+
+class Result:
+    """What an admit Deferred did: a Ticket, a Failure, or nothing yet."""
+
+    def __init__(self, d: Deferred[Ticket]) -> None:
+        self.d = d
+        self.value: Any = None
+        self.fired = 0
+
+        def got(v: Any) -> None:
+            self.fired += 1
+            self.value = v
+
+        d.addBoth(got)
+
+    @property
+    def ticket(self) -> Ticket:
+        assert self.fired == 1, "not dispatched"
+        assert isinstance(self.value, Ticket), self.value
+        return self.value
+
+    @property
+    def waiting(self) -> bool:
+        return self.fired == 0
+
+    def failed_with(self, kind: type[BaseException]) -> BaseException:
+        assert self.fired == 1 and isinstance(self.value, Failure), self.value
+        assert self.value.check(kind), self.value
+        return self.value.value
+
+
+class Rig:
+    def __init__(self, models: Sequence[ModelSpec], *, initial: Optional[Mapping[str, str]] = None,
+                 **kw: Any) -> None:
+        self.clock = Clock()
+        self.swapper = FakeSwapper()
+        self.events: list[SwapEvent] = []
+        self.s = Scheduler(models, self.swapper, self.clock, initial=initial,
+                           on_swap=self.events.append, **kw)
+
+    def admit(self, model: str) -> Result:
+        return Result(self.s.admit(model))
+
+    def at(self, t: float) -> None:
+        self.clock.advance(t - self.clock.seconds())
+
+    def turn(self) -> None:
+        """Let one reactor turn pass (a decided swap starts then)."""
+        self.clock.advance(0)
+
+    def state(self, name: str) -> Any:
+        return next(m for m in self.s.snapshot().models if m.name == name)
+
+    def group(self, name: str = "gpu") -> Any:
+        return next(g for g in self.s.snapshot().groups if g.name == name)
+
+
+# --- collation ---------------------------------------------------------------------------------
+
+
+def test_interleaved_burst_with_b_resident_costs_one_swap() -> None:
+    rig = Rig([spec("A", conc=1), spec("B", conc=1)], initial={"gpu": "B"})
+    order = ["A", "B", "A", "B", "A", "B"]
+    results = [(name, rig.admit(name)) for name in order]  # one burst, B idle
+    rig.turn()
+    a = [r for n, r in results if n == "A"]
+    b = [r for n, r in results if n == "B"]
+    served: list[str] = []
+    # B is resident: its three requests go first, one at a time, ahead of older A requests.
+    for i, r in enumerate(b):
+        assert not r.waiting and r.ticket.model == "B"
+        assert all(x.waiting for x in b[i + 1:])
+        assert all(x.waiting for x in a)
+        assert rig.swapper.calls == []  # never evicts B while it has a request in flight
+        rig.at(rig.clock.seconds() + 1)
+        served.append("B")
+        rig.s.release(r.ticket)
+    rig.turn()
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("B", "A")]
+    assert rig.group().swapping_to == "A"
+    rig.at(10)
+    rig.swapper.last().succeed()
+    for r in a:
+        assert not r.waiting
+        rig.s.release(r.ticket)
+    assert len(rig.swapper.calls) == 1
+    assert [e.result for e in rig.events] == ["ok"]
+    assert [b_.ticket.waited_for_swap for b_ in b] == [False, False, False]
+    assert [a_.ticket.waited_for_swap for a_ in a] == [True, True, True]
+    assert a[0].ticket.queue_wait == 10.0
+    assert b[0].ticket.queue_wait == 0.0
+    g = rig.group()
+    assert g.resident == "A" and g.loaded_at == 10 and g.swapping_to is None
+
+
+def test_burst_arriving_while_b_serves_costs_one_swap() -> None:
+    rig = Rig([spec("A", conc=2), spec("B", conc=2)], initial={"gpu": "B"})
+    first = rig.admit("B")
+    got = []
+    for i, name in enumerate("ABABAB"):
+        rig.at(0.1 * (i + 1))  # spread over several turns this time
+        got.append((name, rig.admit(name)))
+    assert rig.swapper.calls == []
+    rig.at(1)
+    rig.s.release(first.ticket)
+    for name, r in got:
+        if name == "B":
+            rig.s.release(r.ticket)
+    rig.turn()
+    rig.swapper.last().succeed()
+    for name, r in got:
+        if name == "A":
+            rig.s.release(r.ticket)
+    rig.turn()
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("B", "A")]
+
+
+def test_a_swap_decided_and_undone_within_one_turn_is_not_started() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "B"})
+    a = rig.admit("A")  # B idle: a swap is decided...
+    a.d.cancel()  # ...and its only waiter goes away in the same turn
+    rig.turn()
+    assert rig.swapper.calls == [] and rig.clock.getDelayedCalls() == []
+
+
+def test_unknown_slot_first_request_swaps_from_none() -> None:
+    rig = Rig([spec("A"), spec("B")])
+    assert rig.group().resident is None
+    r = rig.admit("B")
+    assert r.waiting and rig.swapper.calls == []
+    rig.turn()
+    assert [(c.group, c.previous, c.target) for c in rig.swapper.calls] == [("gpu", None, "B")]
+    assert rig.group().swapping_to == "B" and rig.group().swap_started_at == 0
+    rig.at(3)
+    rig.swapper.last().succeed()
+    assert r.ticket.waited_for_swap and r.ticket.dispatched_at == 3
+    assert rig.events == [SwapEvent("gpu", None, "B", 0.0, 3.0, "ok")]
+
+
+def test_idle_resident_swaps_to_the_longest_waiting_model() -> None:
+    rig = Rig([spec("A"), spec("B"), spec("C")], initial={"gpu": "A"})
+    a = rig.admit("A")
+    rig.at(1)
+    c = rig.admit("C")
+    rig.at(2)
+    b = rig.admit("B")
+    rig.at(3)
+    rig.s.release(a.ticket)
+    rig.turn()
+    assert [(x.previous, x.target) for x in rig.swapper.calls] == [("A", "C")]
+    rig.swapper.last().succeed()
+    rig.s.release(c.ticket)
+    rig.turn()
+    assert [(x.previous, x.target) for x in rig.swapper.calls] == [("A", "C"), ("C", "B")]
+    rig.swapper.last().succeed()
+    assert b.ticket.model == "B"
+
+
+def test_resident_keeps_the_slot_while_it_has_requests_in_flight() -> None:
+    rig = Rig([spec("A", conc=2), spec("B")], initial={"gpu": "A"}, max_wait=100)
+    a1 = rig.admit("A")
+    rig.at(1)
+    b = rig.admit("B")
+    rig.at(2)
+    a2 = rig.admit("A")  # newer than B, still dispatched: collation
+    assert not a2.waiting and b.waiting and rig.swapper.calls == []
+    rig.s.release(a1.ticket)
+    rig.turn()
+    assert rig.swapper.calls == []
+    rig.s.release(a2.ticket)
+    rig.turn()
+    assert [(x.previous, x.target) for x in rig.swapper.calls] == [("A", "B")]
+
+
+# --- starvation guard ---------------------------------------------------------------------------
+
+
+def test_starvation_guard_engages_at_max_wait_exactly_and_waits_for_in_flight() -> None:
+    rig = Rig([spec("A", conc=2), spec("B")], initial={"gpu": "A"}, max_wait=10)
+    a1 = rig.admit("A")
+    rig.at(1)
+    b1 = rig.admit("B")
+    # One timer, due exactly when B1 has waited max_wait: no polling.
+    assert [c.getTime() for c in rig.clock.getDelayedCalls()] == [11.0]
+    rig.at(10.999)
+    a2 = rig.admit("A")
+    assert not a2.waiting  # just before the guard: collation goes on
+    rig.at(11.0)
+    assert rig.clock.getDelayedCalls() == []
+    a3 = rig.admit("A")
+    assert a3.waiting  # exactly at max_wait: A takes nothing newer than B1
+    rig.at(12)
+    rig.s.release(a1.ticket)
+    rig.turn()
+    assert a3.waiting and rig.swapper.calls == []  # A2 still in flight: never evict
+    rig.at(13)
+    rig.s.release(a2.ticket)
+    rig.turn()
+    assert [(x.previous, x.target) for x in rig.swapper.calls] == [("A", "B")]
+    assert rig.events == []
+    rig.at(15)
+    rig.swapper.last().succeed()
+    assert b1.ticket.queue_wait == 14.0 and b1.ticket.waited_for_swap
+    rig.at(16)
+    rig.s.release(b1.ticket)
+    rig.turn()
+    assert [(x.previous, x.target) for x in rig.swapper.calls] == [("A", "B"), ("B", "A")]
+    rig.at(18)
+    rig.swapper.last().succeed()
+    assert a3.ticket.waited_for_swap and a3.ticket.dispatched_at == 18
+
+
+def test_guard_lets_a_swapped_in_model_serve_its_backlog() -> None:
+    """After a long swap both models are overdue; the new resident still serves what it came for."""
+    rig = Rig([spec("A", conc=4), spec("B", conc=4)], initial={"gpu": "A"}, max_wait=5)
+    a1 = rig.admit("A")
+    b = [rig.admit("B") for _ in range(3)]
+    rig.at(6)  # guard engaged for B
+    a_late = [rig.admit("A") for _ in range(2)]
+    assert all(r.waiting for r in a_late)
+    rig.s.release(a1.ticket)
+    rig.at(30)  # the swap took 24 s: A's waiters are overdue too
+    rig.swapper.last().succeed()
+    assert all(not r.waiting for r in b)  # B's backlog goes despite A being overdue
+    b_new = rig.admit("B")
+    assert b_new.waiting  # but nothing newer than A's overdue requests
+    for r in b:
+        rig.s.release(r.ticket)
+    rig.turn()
+    assert rig.swapper.last().target == "A"
+
+
+def test_guard_timer_is_rescheduled_and_cancelled() -> None:
+    rig = Rig([spec("A"), spec("B"), spec("C")], initial={"gpu": "A"}, max_wait=10)
+    a = rig.admit("A")
+    rig.at(1)
+    b = rig.admit("B")
+    rig.at(2)
+    rig.admit("C")
+    assert [c.getTime() for c in rig.clock.getDelayedCalls()] == [11.0]
+    b.d.cancel()  # C is now the oldest: the timer moves
+    assert [c.getTime() for c in rig.clock.getDelayedCalls()] == [12.0]
+    rig.s.release(a.ticket)  # A idle: swap to C now, no guard timer needed
+    rig.turn()
+    assert rig.clock.getDelayedCalls() == []
+    assert rig.swapper.last().target == "C"
+
+
+# --- cancellation ---------------------------------------------------------------------------------
+
+
+def test_cancel_while_queued_removes_the_waiter_and_prevents_the_swap() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"})
+    a = rig.admit("A")
+    b1 = rig.admit("B")
+    b2 = rig.admit("B")
+    assert rig.state("B").queued == 2
+    b1.d.cancel()
+    b1.failed_with(CancelledError)
+    st = rig.state("B")
+    assert st.queued == 1 and st.oldest_queued_at == 0
+    b2.d.cancel()
+    assert rig.state("B").queued == 0 and rig.state("B").oldest_queued_at is None
+    rig.s.release(a.ticket)
+    rig.turn()
+    assert rig.swapper.calls == []  # nobody waits for B any more: no swap
+
+
+def test_cancel_during_swap_leaves_the_swap_running_and_moves_on() -> None:
+    rig = Rig([spec("A"), spec("B"), spec("C")], initial={"gpu": "A"})
+    b = rig.admit("B")
+    c = rig.admit("C")
+    rig.turn()
+    assert rig.swapper.last().target == "B"
+    b.d.cancel()
+    rig.swapper.last().succeed()  # loaded for nobody: straight on to C
+    rig.turn()
+    assert [(x.previous, x.target) for x in rig.swapper.calls] == [("A", "B"), ("B", "C")]
+    rig.swapper.last().succeed()
+    assert c.ticket.model == "C"
+
+
+def test_cancelled_waiters_are_not_counted_and_the_queue_stays_compact() -> None:
+    rig = Rig([spec("A", conc=1), spec("B")], initial={"gpu": "A"}, max_queue=3)
+    a = rig.admit("A")
+    keep = rig.admit("B")
+    for _ in range(1000):
+        rig.admit("B").d.cancel()
+    assert rig.state("B").queued == 1
+    queue = rig.s._models["B"].queue
+    assert len(queue) <= 2 * 1 + 17
+    rig.admit("B")
+    rig.admit("B")
+    rig.admit("B").failed_with(QueueFull)
+    rig.s.release(a.ticket)
+    rig.turn()
+    rig.swapper.last().succeed()
+    assert keep.ticket.model == "B"
+
+
+def test_a_callback_may_cancel_a_waiter_dispatched_in_the_same_turn() -> None:
+    rig = Rig([spec("A"), spec("B", conc=2)], initial={"gpu": "A"})
+    b1 = rig.admit("B")
+    b2 = rig.admit("B")
+    b1.d.addCallback(lambda t: b2.d.cancel())
+    rig.turn()
+    rig.swapper.last().succeed()
+    assert isinstance(b1.ticket, Ticket)
+    b2.failed_with(CancelledError)
+    assert rig.state("B").in_flight == 1
+
+
+def test_a_callback_may_release_at_once() -> None:
+    rig = Rig([spec("A", conc=1), spec("B")], initial={"gpu": "A"})
+    got: list[Ticket] = []
+
+    def gone(t: Ticket) -> None:
+        got.append(t)
+        rig.s.release(t)  # the client had already disconnected
+
+    for _ in range(3):
+        rig.s.admit("A").addCallback(gone)
+    assert len(got) == 3 and rig.state("A").in_flight == 0
+
+
+def test_a_swapper_that_answers_synchronously() -> None:
+    clock = Clock()
+
+    class Instant:
+        def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
+            return succeed(None)
+
+    s = Scheduler([spec("A"), spec("B")], Instant(), clock)
+    r = Result(s.admit("B"))
+    clock.advance(0)
+    assert r.ticket.waited_for_swap
+    s.release(r.ticket)
+    r2 = Result(s.admit("A"))
+    clock.advance(0)
+    assert r2.ticket.model == "A"
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+def test_failed_swap_fails_waiters_fast_marks_down_and_others_go_on() -> None:
+    rig = Rig([spec("A"), spec("B"), spec("C")], initial={"gpu": "A"}, retry_backoff=30)
+    b1 = rig.admit("B")
+    rig.turn()
+    rig.at(1)
+    c = rig.admit("C")
+    b2 = rig.admit("B")
+    rig.at(4)
+    rig.swapper.last().fail(SwapFailure("timeout", "swap script timed out after 3s (killed)"))
+    for r in (b1, b2):
+        err = r.failed_with(ModelUnavailable)
+        assert isinstance(err, ModelUnavailable)
+        assert err.cause == "swap script timed out after 3s (killed)" and err.retry_after == 30
+        assert err.model == "B"
+    assert rig.events == [SwapEvent("gpu", "A", "B", 0.0, 4.0, "timeout",
+                                    "swap script timed out after 3s (killed)")]
+    st = rig.state("B")
+    assert st.down_until == 34 and st.down_reason == "swap script timed out after 3s (killed)"
+    # The slot is unknown now; the group is not wedged: C is next, from an unknown slot.
+    rig.turn()
+    assert [(x.previous, x.target) for x in rig.swapper.calls] == [("A", "B"), (None, "C")]
+    assert rig.group().resident is None and rig.group().swapping_to == "C"
+    rig.at(10)
+    fast = rig.admit("B")
+    err = fast.failed_with(ModelUnavailable)
+    assert isinstance(err, ModelUnavailable) and err.retry_after == 24
+    rig.swapper.last().succeed()
+    rig.s.release(c.ticket)
+    rig.at(34)  # the backoff is over: the next request retries the swap
+    assert rig.state("B").down_until is None
+    b3 = rig.admit("B")
+    rig.turn()
+    assert [(x.previous, x.target) for x in rig.swapper.calls][-1] == ("C", "B")
+    rig.swapper.last().succeed()
+    assert b3.ticket.model == "B"
+    assert [e.result for e in rig.events] == ["timeout", "ok", "ok"]
+
+
+def test_any_exception_counts_as_failed_with_its_text() -> None:
+    rig = Rig([spec("A"), spec("B")])
+    r = rig.admit("B")
+    rig.turn()
+    rig.swapper.last().fail(ValueError("boom"))
+    err = r.failed_with(ModelUnavailable)
+    assert isinstance(err, ModelUnavailable) and err.cause == "boom"
+    assert rig.events[-1].result == "failed" and rig.events[-1].error == "boom"
+
+
+def test_a_swapper_that_raises_is_a_failed_swap() -> None:
+    clock = Clock()
+    events: list[SwapEvent] = []
+
+    class Broken:
+        def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
+            raise RuntimeError("no script")
+
+    s = Scheduler([spec("A")], Broken(), clock, on_swap=events.append)
+    r = Result(s.admit("A"))
+    clock.advance(0)
+    err = r.failed_with(ModelUnavailable)
+    assert isinstance(err, ModelUnavailable) and err.cause == "no script"
+    assert [(e.result, e.error) for e in events] == [("failed", "no script")]
+
+
+def test_an_on_swap_that_raises_does_not_wedge_the_scheduler() -> None:
+    clock = Clock()
+    swapper = FakeSwapper()
+
+    def bad(event: SwapEvent) -> None:
+        raise RuntimeError("telemetry broke")
+
+    s = Scheduler([spec("A")], swapper, clock, on_swap=bad)
+    r = Result(s.admit("A"))
+    clock.advance(0)
+    swapper.last().succeed()
+    assert r.ticket.model == "A"
+
+
+# --- always_on, groups --------------------------------------------------------------------------
+
+
+def test_always_on_models_bypass_swaps_and_are_bounded_by_concurrency_and_queue() -> None:
+    rig = Rig([spec("A"), spec("B"), spec("E", conc=2, always_on=True)], max_queue=1)
+    rig.admit("B")  # a swap runs in the group...
+    rig.turn()
+    assert rig.group().swapping_to == "B"
+    e = [rig.admit("E") for _ in range(3)]  # ...and E does not care
+    assert not e[0].waiting and not e[1].waiting and e[2].waiting
+    assert not e[0].ticket.waited_for_swap
+    rig.admit("E").failed_with(QueueFull)
+    rig.s.release(e[0].ticket)
+    assert not e[2].waiting
+    assert len(rig.swapper.calls) == 1
+    st = rig.state("E")
+    assert st.resident and st.always_on and st.in_flight == 2
+    assert [g.name for g in rig.s.snapshot().groups] == ["gpu"]
+
+
+def test_two_groups_swap_independently_and_concurrently() -> None:
+    rig = Rig([spec("A", "gpu0"), spec("B", "gpu0"), spec("C", "gpu1"), spec("D", "gpu1")])
+    a = rig.admit("A")
+    c = rig.admit("C")
+    rig.turn()
+    assert [(x.group, x.target) for x in rig.swapper.pending] == [("gpu0", "A"), ("gpu1", "C")]
+    rig.at(2)
+    rig.swapper.calls[1].succeed()  # gpu1 first
+    assert c.ticket.dispatched_at == 2 and a.waiting
+    b = rig.admit("B")  # gpu0 is still swapping: no second swap in that group
+    rig.turn()
+    assert len(rig.swapper.pending) == 1
+    rig.at(5)
+    rig.swapper.calls[0].succeed()
+    assert a.ticket.dispatched_at == 5 and b.waiting
+    rig.s.release(a.ticket)
+    rig.turn()
+    assert rig.swapper.last().group == "gpu0" and rig.swapper.last().target == "B"
+    assert rig.group("gpu1").resident == "C"
+
+
+# --- admission limits ---------------------------------------------------------------------------
+
+
+def test_max_queue_gives_queue_full_with_a_retry_after_estimate() -> None:
+    rig = Rig([spec("A", conc=2), spec("B", conc=2)], initial={"gpu": "A"}, max_queue=2)
+    a = [rig.admit("A") for _ in range(4)]
+    err = rig.admit("A").failed_with(QueueFull)
+    assert isinstance(err, QueueFull) and err.retry_after == DEFAULT_RETRY_AFTER
+    rig.at(8)
+    rig.s.release(a[0].ticket)  # one observed service time: 8 s
+    rig.s.release(a[1].ticket)
+    more = [rig.admit("A"), rig.admit("A")]
+    err = rig.admit("A").failed_with(QueueFull)
+    # 2 queued x 8 s / 2 slots, resident: no swap term.
+    assert isinstance(err, QueueFull) and err.retry_after == 8.0
+    # A non-resident model adds the observed swap time (20 s here).
+    rig.admit("B")
+    for r in a[2:] + more:
+        rig.s.release(r.ticket)
+    rig.turn()
+    rig.at(28)
+    rig.swapper.last().succeed()  # A -> B took 20 s
+    assert not rig.state("A").resident
+    rig.admit("A")
+    rig.admit("A")
+    err = rig.admit("A").failed_with(QueueFull)
+    assert isinstance(err, QueueFull)
+    mean = rig.s._models["A"].service_mean
+    assert mean is not None
+    assert err.retry_after == pytest.approx(2 * mean / 2 + 20.0)
+
+
+def test_retry_after_is_clamped() -> None:
+    rig = Rig([spec("A", conc=1)], initial={"gpu": "A"}, max_queue=1)
+    a = rig.admit("A")
+    rig.at(0.01)
+    rig.s.release(a.ticket)
+    a = rig.admit("A")
+    rig.admit("A")
+    err = rig.admit("A").failed_with(QueueFull)
+    assert isinstance(err, QueueFull) and err.retry_after == 1.0
+
+
+def test_unknown_model_is_a_key_error() -> None:
+    rig = Rig([spec("A")])
+    with pytest.raises(KeyError):
+        rig.s.admit("gpt-9")
+
+
+def test_a_second_release_is_ignored() -> None:
+    rig = Rig([spec("A", conc=1)], initial={"gpu": "A"})
+    a1 = rig.admit("A")
+    a2 = rig.admit("A")
+    rig.s.release(a1.ticket)
+    rig.s.release(a1.ticket)
+    assert rig.state("A").in_flight == 1 and not a2.waiting
+
+
+# --- drain --------------------------------------------------------------------------------------
+
+
+def test_drain_refuses_waiters_and_fires_when_idle() -> None:
+    rig = Rig([spec("A", "gpu0", conc=1), spec("B", "gpu1"), spec("C", "gpu1")],
+              initial={"gpu0": "A"})
+    a1 = rig.admit("A")
+    a2 = rig.admit("A")
+    c = rig.admit("C")  # a swap runs in gpu1
+    rig.turn()
+    d = rig.s.drain()
+    fired: list[Any] = []
+    d.addBoth(fired.append)
+    a2.failed_with(Draining)
+    c.failed_with(Draining)
+    rig.admit("A").failed_with(Draining)
+    assert rig.s.snapshot().draining
+    rig.s.release(a1.ticket)
+    assert fired == []  # the gpu1 swap still runs
+    rig.swapper.last().succeed()
+    assert fired == [None]
+    assert len(rig.swapper.calls) == 1  # no new swap after drain
+    rig.s.drain().addBoth(fired.append)  # already drained: fires at once
+    assert fired == [None, None]
+
+
+def test_drain_waits_for_in_flight_and_can_be_cancelled() -> None:
+    rig = Rig([spec("A")], initial={"gpu": "A"})
+    a = rig.admit("A")
+    d = rig.s.drain()
+    d.cancel()
+    rig.s.release(a.ticket)  # the cancelled drain is forgotten, not fired twice
+    got: list[Any] = []
+    rig.s.drain().addBoth(got.append)
+    assert got == [None]
+
+
+# --- reconfigure --------------------------------------------------------------------------------
+
+
+def test_reconfigure_removes_models_fails_their_waiters_and_frees_the_slot_after_in_flight() -> None:
+    rig = Rig([spec("A", conc=1), spec("B"), spec("C")], initial={"gpu": "A"})
+    a1 = rig.admit("A")
+    a2 = rig.admit("A")
+    b = rig.admit("B")
+    rig.s.reconfigure([spec("B"), spec("C")], max_wait=120, max_queue=256)
+    err = a2.failed_with(ModelUnavailable)
+    assert isinstance(err, ModelUnavailable) and err.cause == "model removed from configuration"
+    assert b.waiting and rig.swapper.calls == []  # A still runs a request: no eviction
+    with pytest.raises(KeyError):
+        rig.s.admit("A")
+    st = rig.state("A")  # still shown while in flight
+    assert st.in_flight == 1 and st.queued == 0 and st.resident
+    assert rig.group().resident == "A"
+    rig.s.release(a1.ticket)
+    rig.turn()
+    assert "A" not in [m.name for m in rig.s.snapshot().models]
+    assert [(x.previous, x.target) for x in rig.swapper.calls] == [(None, "B")]
+
+
+def test_reconfigure_keeps_queued_and_in_flight_requests_and_applies_changes() -> None:
+    rig = Rig([spec("A", conc=1), spec("B")], initial={"gpu": "A"}, max_wait=100)
+    a = [rig.admit("A") for _ in range(3)]
+    assert [r.waiting for r in a] == [False, True, True]
+    rig.s.reconfigure([spec("A", conc=3), spec("B"), spec("D", conc=1)], max_wait=50,
+                      max_queue=1)
+    assert [r.waiting for r in a] == [False, False, False]  # more slots: dispatched now
+    d = rig.admit("D")
+    assert d.waiting  # a new model in the group: waits for A to go idle
+    rig.admit("D").failed_with(QueueFull)  # the new max_queue applies
+    assert [c.getTime() for c in rig.clock.getDelayedCalls()] == [50.0]  # new max_wait
+    for r in a:
+        rig.s.release(r.ticket)
+    rig.turn()
+    assert rig.swapper.last().target == "D"
+
+
+def test_reconfigure_moves_a_resident_to_another_group() -> None:
+    rig = Rig([spec("A", "gpu0", conc=2), spec("B", "gpu0")], initial={"gpu0": "A"})
+    a1 = rig.admit("A")
+    b = rig.admit("B")
+    rig.s.reconfigure([spec("A", "gpu1", conc=2), spec("B", "gpu0")], max_wait=120,
+                      max_queue=256)
+    # A still runs a request on gpu0's slot: B must wait for it.
+    assert rig.group("gpu0").resident == "A" and rig.swapper.calls == []
+    a2 = rig.admit("A")
+    rig.turn()
+    assert a2.waiting and rig.swapper.last().group == "gpu1"  # gpu1's slot is unknown
+    rig.s.release(a1.ticket)
+    rig.turn()
+    assert [(x.group, x.previous, x.target) for x in rig.swapper.calls] == [
+        ("gpu1", None, "A"), ("gpu0", None, "B")]
+    assert b.waiting
+
+
+def test_reconfigure_always_on_toggles() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"})
+    a = rig.admit("A")
+    b = rig.admit("B")
+    rig.s.reconfigure([spec("A"), spec("B", always_on=True)], max_wait=120, max_queue=256)
+    assert b.ticket.model == "B" and rig.swapper.calls == []
+    rig.s.reconfigure([spec("A", always_on=True), spec("B", always_on=True)], max_wait=120,
+                      max_queue=256)
+    assert rig.group().resident == "A"  # in flight: keeps the slot until released
+    rig.s.release(a.ticket)
+    assert rig.s.snapshot().groups == ()
+
+
+def test_snapshot_fields() -> None:
+    rig = Rig([spec("A", conc=1), spec("B"), spec("E", "emb", always_on=True)],
+              initial={"gpu": "A"})
+    rig.at(5)
+    rig.admit("A")
+    rig.at(6)
+    rig.admit("A")
+    rig.admit("B")
+    snap = rig.s.snapshot()
+    assert snap.at == 6 and not snap.draining
+    a, b, e = snap.models
+    assert (a.name, a.group, a.queued, a.in_flight, a.oldest_queued_at, a.resident) == (
+        "A", "gpu", 1, 1, 6, True)
+    assert (b.queued, b.in_flight, b.oldest_queued_at, b.resident) == (1, 0, 6, False)
+    assert e.always_on and e.resident and e.group == "emb"
+    (g,) = snap.groups
+    assert (g.name, g.resident, g.loaded_at, g.swapping_to, g.swap_started_at) == (
+        "gpu", "A", None, None, None)
