@@ -1,0 +1,79 @@
+"""The composition root: make_service / make_resource wiring, reload, drain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.web.resource import IResource
+
+from jano.config import Config, SchedulerConfig, ServerConfig
+from jano.records import ModelSpec
+from jano.service import JanoService, make_resource, make_service
+from jano.testing import SimulatedSwapper
+
+A = ModelSpec("a", "http://127.0.0.1:9001")
+B = ModelSpec("b", "http://127.0.0.1:9002")
+
+
+def _config(**kw: Any) -> Config:
+    return Config(models=(A, B), scheduler=SchedulerConfig(initial_model={"default": "a"}), **kw)
+
+
+def _refuse(url: str) -> Any:
+    return fail(ConnectionRefusedError())
+
+
+def test_make_service_listens_on_loopback_and_probes_health() -> None:
+    reactor = MemoryReactorClock()
+    svc = make_service(_config(), reactor, swapper=SimulatedSwapper(reactor, {}), probe=_refuse)
+    assert isinstance(svc, JanoService)
+    svc.startService()
+    port, _factory, _backlog, interface = reactor.tcpServers[0]
+    assert (port, interface) == (8000, "127.0.0.1")
+    reactor.advance(0)
+    assert svc.health.states()["a"] == "down" and svc.health.states()["b"] == "unloaded"
+    done: list[Any] = []
+    svc.stopService().addBoth(done.append)
+    reactor.advance(0)
+    assert done == [None] and svc.jano.draining
+
+
+def test_make_resource_is_a_resource_that_stops_with_the_reactor() -> None:
+    reactor = MemoryReactorClock()
+    resource = make_resource(_config(), reactor, swapper=SimulatedSwapper(reactor, {}), probe=_refuse)
+    assert IResource.providedBy(resource)
+    svc = resource.service  # type: ignore[attr-defined]
+    assert svc.running and svc.listener is None and reactor.tcpServers == []
+    triggers = reactor.triggers["before"]["shutdown"]
+    assert any(getattr(f, "__self__", None) is svc for f, _, _ in triggers)
+
+
+def test_reload_adds_models_and_a_bad_file_keeps_the_old_config(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    svc = JanoService(_config(), reactor, swapper=SimulatedSwapper(reactor, {}), probe=_refuse,
+                      listen=False)
+    good = tmp_path / "good.toml"
+    good.write_text('[scheduler]\ninitial_model = "a"\n'
+                    '[[models]]\nname = "a"\nupstream = "http://127.0.0.1:9001"\n'
+                    '[[models]]\nname = "c"\nupstream = "http://127.0.0.1:9003"\nalways_on = true\n'
+                    '[server]\nmax_body_bytes = 2048\n')
+    assert svc.reload_from(str(good)) is True
+    assert [m.name for m in svc.jano.models] == ["a", "c"] and svc.site.max_body_bytes == 2048
+    assert {m.name for m in svc.scheduler.snapshot().models} == {"a", "c"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[models]]\nname = 3\n")
+    assert svc.reload_from(str(bad)) is False
+    assert [m.name for m in svc.jano.models] == ["a", "c"]
+    assert svc.reload_from(str(tmp_path / "missing.toml")) is False
+
+
+def test_listen_endpoint_comes_from_the_config() -> None:
+    reactor = MemoryReactorClock()
+    svc = make_service(_config(server=ServerConfig(listen="tcp:9999:interface=127.0.0.2")), reactor,
+                       swapper=SimulatedSwapper(reactor, {}), probe=_refuse)
+    svc.startService()
+    assert reactor.tcpServers[0][0] == 9999 and reactor.tcpServers[0][3] == "127.0.0.2"
