@@ -196,7 +196,7 @@ class JanoResource(Resource):
         request.content.seek(0)
         body = request.content.read()
         decision = route(request.method, path, body, request.getHeader(MODEL_HEADER),
-                         jano.by_name, jano.fallback())
+                         jano.by_name, jano.fallback)
         if isinstance(decision, Refusal):
             fwd.refuse(request, decision, arrived)
             return NOT_DONE_YET

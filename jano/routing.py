@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from jano.records import ModelSpec
 
@@ -94,14 +94,16 @@ def parse_model(body: bytes) -> tuple[Optional[object], Optional[str]]:
 
 
 def route(method: bytes, path: bytes, body: bytes, header_model: Optional[bytes],
-          models: Mapping[str, ModelSpec], fallback: Optional[ModelSpec]) -> Routed | Refusal:
+          models: Mapping[str, ModelSpec],
+          fallback: Callable[[], Optional[ModelSpec]]) -> Routed | Refusal:
     """
     Decide where a request goes.
 
     Inference routes need a JSON object; its ``"model"`` picks the model, else
     the ``X-Jano-Model`` header, else ``fallback`` (the loaded model).  Other
     routes go to the model they name if they name a configured one, else to
-    ``fallback``, without admission (they never cause a swap).
+    ``fallback``, without admission (they never cause a swap).  ``fallback``
+    is called only when needed: finding the loaded model is not free.
     """
     inference = is_inference(method, path)
     obj: Optional[object] = None
@@ -135,7 +137,8 @@ def route(method: bytes, path: bytes, body: bytes, header_model: Optional[bytes]
                                "unknown_model")
         else:
             return Routed(spec, inference, name, stream_hint)
-    if fallback is None:
+    loaded = fallback()
+    if loaded is None:
         return Refusal(503, "no model is loaded and the request names none",
                        "unavailable_error", "model_down")
-    return Routed(fallback, inference, None, stream_hint)
+    return Routed(loaded, inference, None, stream_hint)
