@@ -18,7 +18,7 @@ from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, server
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from jano import __version__
@@ -44,9 +44,9 @@ class JanoRequest(server.Request):
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BytesIO()
-        limit = getattr(self.channel.site, "max_body_bytes", self.max_body_bytes) \
-            if self.channel is not None else self.max_body_bytes
-        self.max_body_bytes = limit
+        site = getattr(self.channel, "site", None)
+        self.max_body_bytes = getattr(site, "max_body_bytes", self.max_body_bytes)
+        limit = self.max_body_bytes
         if length is not None and length > limit:
             self._refuse_too_large()
 
@@ -57,7 +57,8 @@ class JanoRequest(server.Request):
         if self._received > self.max_body_bytes:
             self._refuse_too_large()
             return
-        self.content.write(data)
+        if self.content is not None:
+            self.content.write(data)
 
     def _refuse_too_large(self) -> None:
         self._too_large = True
@@ -98,14 +99,14 @@ class JanoSite(server.Site):
     """A ``Site`` using :class:`JanoRequest`, without per-request access logging."""
 
     requestFactory = JanoRequest
-    protocol = JanoChannel
+    protocol = JanoChannel  # type: ignore[assignment]  # HTTP/1.1 only: no TLS, so no HTTP/2
 
-    def __init__(self, resource: Resource, *, max_body_bytes: int = 8 * 1024 * 1024,
+    def __init__(self, resource: IResource, *, max_body_bytes: int = 8 * 1024 * 1024,
                  **kw: Any) -> None:
         super().__init__(resource, **kw)
         self.max_body_bytes = max_body_bytes
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """Access logs are off: telemetry keeps what is needed, and no query strings."""
 
 
@@ -113,7 +114,7 @@ def local_path(request: Request) -> bytes:
     """The path below wherever Jano is mounted (it may be ``putChild``-ed under a prefix)."""
     if not request.prepath:
         return request.path
-    return b"/" + b"/".join(request.postpath)
+    return b"/" + b"/".join(request.postpath or [])
 
 
 def _bearer_ok(request: Request, key: Optional[str]) -> bool:
@@ -193,8 +194,11 @@ class JanoResource(Resource):
             fwd.refuse(request, Refusal(400, "invalid path", "invalid_request_error",
                                         "bad_request"), arrived)
             return NOT_DONE_YET
-        request.content.seek(0)
-        body = request.content.read()
+        content = request.content
+        body = b""
+        if content is not None:
+            content.seek(0)
+            body = content.read()
         decision = route(request.method, path, body, request.getHeader(MODEL_HEADER),
                          jano.by_name, jano.fallback)
         if isinstance(decision, Refusal):
@@ -305,7 +309,7 @@ def make_api(jano: Jano) -> Klein:
 
     from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-    @app.handle_errors(MethodNotAllowed)
+    @app.handle_errors(MethodNotAllowed)  # type: ignore[arg-type]
     def not_allowed(request: Request, failure: Any) -> bytes:
         allowed = failure.value.valid_methods or ["GET"]
         request.setHeader(b"allow", ", ".join(allowed).encode())
@@ -315,7 +319,7 @@ def make_api(jano: Jano) -> Klein:
         return error_body(path, 405, f"method not allowed; use {', '.join(allowed)}",
                           "invalid_request_error")
 
-    @app.handle_errors(NotFound)
+    @app.handle_errors(NotFound)  # type: ignore[arg-type]
     def not_found(request: Request, failure: Any) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json")

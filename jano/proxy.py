@@ -9,11 +9,11 @@ and gzip-decoding agents, and a transparent proxy must do none of those.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Optional, Protocol as TypingProtocol, cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
@@ -93,7 +93,7 @@ def upstream_headers(incoming: Headers, client_host: Optional[str],
         prior = incoming.getRawHeaders(b"x-forwarded-for")
         host = client_host.encode("ascii", "replace")
         out.setRawHeaders(b"x-forwarded-for",
-                          [b", ".join(prior + [host]) if prior else host])
+                          [b", ".join([*prior, host]) if prior else host])
     return out
 
 
@@ -353,7 +353,7 @@ class Exchange:
                       model=self.spec.name, t=self.fwd.idle_write_timeout)
         channel = self.request.channel
         if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()  # fires notifyFinish's errback -> _client_lost
+            cast(ITCPTransport, channel.transport).abortConnection()  # fires notifyFinish's errback -> _client_lost
 
     def _client_lost(self, failure: Failure) -> None:
         if self.phase == "done":

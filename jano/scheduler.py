@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Optional, Protocol, Sequence, Union
+from typing import Callable, Literal, Mapping, Optional, Protocol, Sequence, Union, cast
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -279,9 +279,8 @@ def _ewma(mean: Optional[float], value: float) -> float:
 def _swap_error(failure: Failure) -> tuple[SwapResult, str]:
     """Map a failed swap to ``SwapEvent.result`` and one line of cause."""
     exc = failure.value
-    result = getattr(exc, "result", "failed")
-    if result not in _FAILURE_RESULTS:
-        result = "failed"
+    raw = getattr(exc, "result", "failed")
+    result = cast(SwapResult, raw if raw in _FAILURE_RESULTS else "failed")
     cause = getattr(exc, "cause", None)
     if not isinstance(cause, str) or not cause:
         if isinstance(exc, CancelledError):

@@ -28,11 +28,12 @@ from typing import (
     Optional,
     Protocol as TypingProtocol,
     Sequence,
+    cast,
 )
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IPushProducer
 from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -619,7 +620,7 @@ class _Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._left -= len(data)
         if self._left < 0 and self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._done.called:
@@ -631,7 +632,7 @@ def _status_after_body(response: IResponse) -> Deferred[int]:
 
     def stop(d: Deferred[None]) -> None:
         if protocol.transport is not None:
-            protocol.transport.stopProducing()
+            cast(IPushProducer, protocol.transport).stopProducing()
 
     done: Deferred[None] = Deferred(stop)
     protocol = _Discard(done)

@@ -115,7 +115,8 @@ def makeService(options: Options) -> IService:
         source = config.source
 
         def reload(*_: object) -> None:
-            reactor.callFromThread(svc.reload_from, source)
+            # A signal handler may run at any point: hand the work to the reactor.
+            reactor.callFromThread(svc.reload_from, source)  # type: ignore[attr-defined]
 
         if source is not None and hasattr(signal, "SIGHUP") and hasattr(svc, "reload_from"):
             signal.signal(signal.SIGHUP, reload)

@@ -5,7 +5,7 @@ tail goes to a bounded buffer for token counting.  Nothing else is kept.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -52,22 +52,27 @@ class StreamTee(Protocol):
         self.bytes = 0
         self._client_gone = False
 
+    @property
+    def _upstream(self) -> IPushProducer:
+        # deliverBody hands us the upstream connection as a push producer.
+        return cast(IPushProducer, self.transport)
+
     def connectionMade(self) -> None:
         if self._client_gone:
-            self.transport.stopProducing()
+            self._upstream.stopProducing()
         else:
             self._request.registerProducer(self, True)
 
     # IPushProducer, driven by the client connection's flow control.
 
     def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
+        self._upstream.pauseProducing()
         if self._stall_timeout is not None and self._stall_call is None:
             self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
         self._cancel_stall()
-        self.transport.resumeProducing()
+        self._upstream.resumeProducing()
 
     def stopProducing(self) -> None:
         self.abort()
@@ -102,7 +107,7 @@ class StreamTee(Protocol):
         self._cancel_stall()
         if self.transport is not None:
             self._unregister()
-            self.transport.stopProducing()
+            self._upstream.stopProducing()
 
     def _unregister(self) -> None:
         # A request whose connection is gone has no channel left to unregister from.

@@ -622,7 +622,7 @@ class Telemetry:
             prefers ``application/openmetrics-text``, else the classic text format.
         """
         if wants_openmetrics(accept):
-            body: bytes = openmetrics.generate_latest(self._registry)  # type: ignore[no-untyped-call]
+            body: bytes = openmetrics.generate_latest(self._registry)
             return openmetrics.CONTENT_TYPE_LATEST, body
         return CONTENT_TYPE_LATEST, generate_latest(self._registry)
 
@@ -781,7 +781,7 @@ class HealthMonitor(Service):
         self.set_models(models)
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         self._loop.start(self._interval, now=True).addErrback(
             lambda f: self.log.failure("Health loop stopped", f)
         )
@@ -792,7 +792,7 @@ class HealthMonitor(Service):
         pending, self._in_flight = self._in_flight, {}
         for d in pending.values():
             d.cancel()
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
 
     def states(self) -> dict[str, HealthState]:
         """Each configured model's last known state, in configuration order."""

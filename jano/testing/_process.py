@@ -32,10 +32,10 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IReactorProcess
+from twisted.internet.interfaces import IAddress, IProcessProtocol, IProcessTransport, IReactorProcess
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -54,6 +54,7 @@ class _Any:
 ANY: Any = _Any()
 
 
+@implementer(IAddress)
 class _ProcessAddress:
     """What ``getPeer``/``getHost`` give for a process, as the real one does."""
 
@@ -126,7 +127,7 @@ class FakeProcess:
     def write(self, data: bytes) -> None:
         self.writeToChild(0, data)
 
-    def writeSequence(self, seq: Sequence[bytes]) -> None:
+    def writeSequence(self, seq: Iterable[bytes]) -> None:
         for data in seq:
             self.write(data)
 
@@ -163,10 +164,10 @@ class FakeProcess:
             raise ProcessExitedAlready()
         self.signals.append(signalID)
 
-    def getPeer(self) -> _ProcessAddress:
+    def getPeer(self) -> IAddress:
         return _ProcessAddress()
 
-    def getHost(self) -> _ProcessAddress:
+    def getHost(self) -> IAddress:
         return _ProcessAddress()
 
     # --- driving the process, used by tests -----------------------------------

@@ -939,7 +939,7 @@ class _FakeResource(Resource):
         super().__init__()
         self._server = server
 
-    def render(self, request: Request) -> Union[bytes, int]:  # type: ignore[override]
+    def render(self, request: Request) -> Union[bytes, int]:
         return self._server._render(request)
 
 
