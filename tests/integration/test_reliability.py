@@ -69,20 +69,23 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
                                     headers={"X-Fake-Delay-Ms": "100"})
         result.append((status, body))
 
-    t = threading.Thread(target=slow)
-    t.start()
-    wait_until(lambda: json.loads(get(jano.url + "/status")[2])["inFlight"] == 1, 5, "in flight")
-    jano.popen.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with pytest.raises(OSError):  # no longer accepting
-        get(jano.url + "/health", timeout=2)
-    t.join(20)
-    assert result and result[0][0] == 200 and result[0][1].count(b"Tok") == 20
-    assert result[0][1].endswith(b"data: [DONE]\n\n")  # finished, not cut
-    # twistd re-raises the signal after a clean shutdown, so the status names SIGTERM.
-    assert jano.popen.wait(15) in (0, -signal.SIGTERM)
-    assert "Server Shut Down" in jano.log_text()
-    backend.stop()
+    try:
+        t = threading.Thread(target=slow)
+        t.start()
+        wait_until(lambda: json.loads(get(jano.url + "/status")[2])["inFlight"] == 1, 5, "in flight")
+        jano.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(OSError):  # no longer accepting
+            get(jano.url + "/health", timeout=2)
+        t.join(20)
+        assert result and result[0][0] == 200 and result[0][1].count(b"Tok") == 20
+        assert result[0][1].endswith(b"data: [DONE]\n\n")  # finished, not cut
+        # twistd re-raises the signal after a clean shutdown, so the status names SIGTERM.
+        assert jano.popen.wait(15) in (0, -signal.SIGTERM)
+        assert "Server Shut Down" in jano.log_text()
+    finally:
+        jano.stop()
+        backend.stop()
 
 
 def test_sighup_reloads_models_and_refuses_a_bad_config(tmp_path: Path) -> None:
