@@ -18,7 +18,11 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool, URI, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
@@ -43,6 +47,36 @@ class QuietPool(HTTPConnectionPool):
     """A connection pool that does not log every connection it opens."""
 
     _factory = _QuietFactory
+
+
+@implementer(IAgentEndpointFactory)
+class CachedEndpoints:
+    """
+    One client endpoint per upstream, reused.
+
+    ``Agent``'s default factory builds a new ``HostnameEndpoint`` (with an IDNA
+    encoding of the host) for every request, even when the pool then hands
+    back an idle connection.  Upstreams come from the config, so this cache is
+    bounded by the number of configured models.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            host = uri.host.decode("idna")
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+            if uri.scheme == b"https":
+                from twisted.internet.ssl import optionsForClientTLS
+
+                endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+            self._cache[key] = endpoint
+        return endpoint
 
 
 def _reactor(reactor: Any) -> Any:
@@ -83,7 +117,7 @@ class JanoService(MultiService):
             pool.maxPersistentPerHost = 64
             pool.retryAutomatically = True
             self._pools.append(pool)
-            agent = Agent(reactor, pool=pool)
+            agent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor), pool=pool)
         if probe is None:
             import treq.client
 

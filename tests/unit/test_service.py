@@ -77,3 +77,16 @@ def test_listen_endpoint_comes_from_the_config() -> None:
                        swapper=SimulatedSwapper(reactor, {}), probe=_refuse)
     svc.startService()
     assert reactor.tcpServers[0][0] == 9999 and reactor.tcpServers[0][3] == "127.0.0.2"
+
+
+def test_upstream_endpoints_are_built_once_per_upstream() -> None:
+    from twisted.web.client import URI
+
+    from jano.service import CachedEndpoints
+
+    factory = CachedEndpoints(MemoryReactorClock())
+    a1 = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/v1/chat/completions"))
+    a2 = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/completion?x=1"))
+    b = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8081/health"))
+    tls = factory.endpointForURI(URI.fromBytes(b"https://example.test/v1/models"))
+    assert a1 is a2 and a1 is not b and tls is not b
