@@ -85,22 +85,28 @@ def _fire(url: str, model: str, results: list[Any], barrier: threading.Barrier,
 
 def test_interleaved_burst_with_b_resident_costs_exactly_one_swap(two_models: dict[str, Any]) -> None:
     jano = two_models["start"](max_wait=60.0)
+    # B is resident and busy (one long stream in flight) when the burst arrives, as on a
+    # box that is serving: thread start-up jitter then cannot make B look idle.
+    results: list[Any] = []
+    keeper = threading.Thread(target=_fire, args=(jano.url, "model-b", results, threading.Barrier(1)),
+                              kwargs={"tokens": 15, "delay_ms": 100})
+    keeper.start()
+    wait_until(lambda: json.loads(get(jano.url + "/status")[2])["inFlight"] == 1, 10, "B busy")
     order = ["model-a", "model-b"] * 6  # A B A B ... as they would arrive from mixed clients
     barrier = threading.Barrier(len(order))
-    results: list[Any] = []
     threads = [threading.Thread(target=_fire, args=(jano.url, m, results, barrier)) for m in order]
     for t in threads:
         t.start()
-    for t in threads:
+    for t in [keeper, *threads]:
         t.join(90)
-    assert sorted(r[1] for r in results) == [200] * 12
-    assert all(r[3] == 5 for r in results)  # every stream complete
+    assert sorted(r[1] for r in results) == [200] * 13
+    assert sorted(r[3] for r in results) == [5] * 12 + [15]  # every stream complete
     calls = _calls(two_models["calls"])
     assert calls == [["model-a", "model-b", "model-a", "model-b", two_models["a"].url]]
     status = json.loads(get(jano.url + "/status")[2])
     assert status["swapsLastHour"] == 1 and status["currentModel"] == "model-a"
     assert status["lastSwapDurationMs"] >= SWAP_SECONDS * 1000
-    usage = json.loads(get(jano.url + "/usage?limit=12")[2])["data"]
+    usage = json.loads(get(jano.url + "/usage?limit=13")[2])["data"]
     assert sum(1 for u in usage if u["waitedForSwap"]) == 6  # exactly the A requests
     assert {u["model"] for u in usage if u["waitedForSwap"]} == {"model-a"}
     assert "swapping to model-a" in jano.log_text()  # the script's output is logged
