@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -41,7 +41,7 @@ class JanoRequest(server.Request):
     max_body_bytes = 8 * 1024 * 1024
     _too_large = False
     _received = 0
-    _content_type: Optional[list[bytes]] = None
+    _content_type: Optional[Sequence[bytes]] = None
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # Twisted parses every POST's Content-Type with the email package, only to
