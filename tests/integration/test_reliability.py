@@ -221,3 +221,54 @@ def test_hundreds_of_concurrent_paced_streams_complete_uncorrupted(tmp_path: Pat
     finally:
         jano.stop()
         backend.stop()
+
+
+def test_backend_dying_mid_stream_ends_the_client_stream_and_is_recorded(tmp_path: Path) -> None:
+    backend = start_fake_backend(tmp_path, model="m")
+    jano = start_jano(tmp_path, jano_config([("m", backend.url)], always_on=True))
+    try:
+        status, _, body = post_json(jano.url + "/v1/chat/completions",
+                                    {"model": "m", "stream": True, "max_tokens": 50, "messages": []},
+                                    headers={"X-Fake-Fail-After": "4"})
+        assert status == 200 and body.count(b"Tok") == 4 and b"[DONE]" not in body
+        rec = _usage(jano.url)[0]
+        assert rec["outcome"] == "upstream_error" and rec["completionTokens"] is None
+        st = json.loads(get(jano.url + "/status")[2])
+        assert st["inFlight"] == 0 and st["requestsServedTotal"] == 0
+        assert post_json(jano.url + "/v1/chat/completions", {"model": "m", "messages": []})[0] == 200
+    finally:
+        jano.stop()
+        backend.stop()
+
+
+def test_client_leaving_the_queue_causes_no_swap(tmp_path: Path) -> None:
+    a = start_fake_backend(tmp_path, model="a")
+    b = start_fake_backend(tmp_path, model="b")
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "swap.sh"
+    script.write_text(f'#!/bin/sh\necho "$1" >> "{calls}"\n')
+    script.chmod(0o755)
+    jano = start_jano(tmp_path, jano_config([("a", a.url), ("b", b.url)], swap=[str(script), "{model}"],
+                                            model_extra="max_concurrency = 1")
+                      + '[scheduler]\ninitial_model = "a"\n')
+    try:
+        keeper = threading.Thread(target=post_json, args=(jano.url + "/v1/chat/completions", {
+            "model": "a", "stream": True, "max_tokens": 10, "messages": []}),
+            kwargs={"headers": {"X-Fake-Delay-Ms": "100"}})
+        keeper.start()
+        wait_until(lambda: json.loads(get(jano.url + "/status")[2])["inFlight"] == 1, 5, "a busy")
+        sock = _open_stream(jano.url, {"model": "b", "messages": []}, {})
+        wait_until(lambda: json.loads(get(jano.url + "/status")[2])["queueDepthByModel"]["b"] == 1,
+                   5, "b queued")
+        sock.close()  # gives up while queued
+        wait_until(lambda: json.loads(get(jano.url + "/status")[2])["queueDepth"] == 0, 5, "left the queue")
+        keeper.join(10)
+        time.sleep(0.3)
+        assert not calls.exists()  # nobody waits for b any more: no swap
+        recs = _usage(jano.url, 2)
+        assert {r["outcome"] for r in recs} == {"completed", "client_disconnected"}
+        assert json.loads(get(jano.url + "/status")[2])["currentModel"] == "a"
+    finally:
+        jano.stop()
+        a.stop()
+        b.stop()
