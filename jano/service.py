@@ -172,6 +172,8 @@ class JanoService(MultiService):
               result=event.result, duration=event.duration,
               error=f" ({event.error})" if event.error else "")
         self.telemetry.swap_finished(event)
+        if event.result == "ok":  # the swap waited for health 200 itself
+            self.health.observed(event.to_model, "up")
 
     def _residents(self) -> Mapping[str, Optional[str]]:
         return {g.name: g.resident for g in self.scheduler.snapshot().groups}

@@ -795,8 +795,29 @@ class HealthMonitor(Service):
         super().stopService()
 
     def states(self) -> dict[str, HealthState]:
-        """Each configured model's last known state, in configuration order."""
-        return dict(self._states)
+        """
+        Each configured model's last known state, in configuration order,
+        reconciled with residency now: a model swapped out since the last
+        probe reads ``unloaded``, one swapped in reads ``unknown`` until probed.
+        """
+        out: dict[str, HealthState] = {}
+        for name, state in self._states.items():
+            spec = self._specs.get(name)
+            try:
+                resident = spec is None or self._is_resident(spec)
+            except Exception:  # a broken residency check must not break /status
+                resident = state != "unloaded"
+            if not resident:
+                state = "unloaded"
+            elif state == "unloaded":
+                state = "unknown"
+            out[name] = state
+        return out
+
+    def observed(self, name: str, state: HealthState) -> None:
+        """Record a state learnt elsewhere (a swap that ended with health 200 means ``up``)."""
+        if name in self._specs:
+            self._set(name, state)
 
     def set_models(self, models: Sequence[ModelSpec]) -> None:
         """

@@ -320,6 +320,8 @@ def test_swap_happens_through_the_scheduler_and_is_reported() -> None:
     assert status["currentModel"] == "b" and status["lastSwap"]["result"] == "ok"
     assert status["lastSwapDurationMs"] == pytest.approx(2000.0, abs=600)
     assert w.usage()[0]["waitedForSwap"] is True
+    # Health follows the swap at once, not at the next probe.
+    assert status["backendHealth"] == {"a": "unloaded", "b": "up"}
     metrics = {f.name: f for f in text_string_to_metric_families(w.call("GET", "/metrics")[1].decode())}
     swaps = [s for s in metrics["jano_model_swaps"].samples
              if s.name == "jano_model_swaps_total" and s.labels["to_model"] == "b"]

@@ -713,7 +713,8 @@ def make_monitor(
 def test_health_states() -> None:
     resident = {"big", "embed"}
     clock, probe, monitor = make_monitor(resident)
-    assert monitor.states() == {"big": "unknown", "small": "unknown", "embed": "unknown"}
+    # Residency is known without a probe: a model not holding its slot reads unloaded.
+    assert monitor.states() == {"big": "unknown", "small": "unloaded", "embed": "unknown"}
     monitor.startService()
     # The first tick runs at once; "small" is not resident, so it is not probed.
     assert probe.urls() == ["http://127.0.0.1:8080/health", "http://127.0.0.1:8082/health"]
@@ -835,3 +836,18 @@ def test_recent_swaps_list_is_bounded_and_newest_first() -> None:
     swaps = t.status()["recentSwaps"]
     assert isinstance(swaps, list) and len(swaps) == RECENT_SWAPS
     assert swaps[0]["to"] == f"m{RECENT_SWAPS + 4}" and swaps[-1]["to"] == "m5"
+
+
+def test_health_follows_residency_between_probes() -> None:
+    resident = {"big", "embed"}
+    clock, probe, monitor = make_monitor(resident)
+    monitor.startService()
+    probe.calls[0][1].callback(200)
+    assert monitor.states()["big"] == "up"
+    resident.discard("big")
+    resident.add("small")  # a swap happened; no probe has run since
+    states = monitor.states()
+    assert states["big"] == "unloaded" and states["small"] == "unknown"
+    monitor.observed("small", "up")
+    assert monitor.states()["small"] == "up"
+    monitor.stopService()

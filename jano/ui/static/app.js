@@ -1,0 +1,433 @@
+/* Jano dashboard: polls `status` and `usage`, keeps a few minutes of history
+   in this tab (bounded), and draws it.  No dependencies, no build step. */
+"use strict";
+(function () {
+  const POLL_MS = 1500;
+  const HIDDEN_POLL_MS = 6000;            // slower while the tab is in the background
+  const HISTORY_MS = 15 * 60e3;           // how long samples and swaps are kept
+  const MAX_SAMPLES = 700;                // hard cap on top of the time bound
+  const MAX_SWAPS = 300;
+  const MIN_SPAN_MS = 30e3, MAX_SPAN_MS = 10 * 60e3;   // what the charts show
+  const PALETTE = 8;
+  const TOKEN_KEY = "jano.telemetryToken";
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const OUTCOMES = { completed: "completed", client_disconnected: "client left",
+    upstream_error: "backend error", rejected: "refused by Jano" };
+
+  // Jano's own routes sit next to the page: "/" for /ui and /, "/jano/" for /jano/ui.
+  const BASE = location.pathname.replace(/(^|\/)ui\/?(index\.html)?$/, "$1").replace(/[^/]*$/, "");
+
+  const state = { samples: [], swaps: new Map(), colors: new Map(), skew: 0, status: null,
+    usage: null, timer: 0, busy: false, waitingForToken: false, memToken: null };
+
+  const $ = (id) => document.getElementById(id);
+  const isNum = (v) => typeof v === "number" && isFinite(v);
+  const nowMs = () => Date.now() + state.skew;     // the server's clock, as best known
+
+  /* -- small DOM helpers ------------------------------------------------ */
+
+  function h(tag, attrs, ...kids) {
+    const el = tag.startsWith("svg:") ? document.createElementNS(SVG_NS, tag.slice(4))
+      : document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v != null && v !== false) el.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const kid of kids.flat()) {
+      if (kid != null && kid !== false && kid !== "") el.append(kid instanceof Node ? kid : String(kid));
+    }
+    return el;
+  }
+  // A null value: a muted dash that says what it means, never a 0.
+  const na = (what = "not reported") => h("span", { class: "na", title: what },
+    h("span", { "aria-hidden": "true" }, "—"), h("span", { class: "sr-only" }, what));
+  const naText = (what = "not reported") => h("span", { class: "na" }, what);
+  const or = (v, fmt, what) => (v == null ? na(what) : fmt(v));
+  const color = (model) => {
+    if (model == null) return "var(--muted)";
+    if (!state.colors.has(model)) state.colors.set(model, state.colors.size % PALETTE);
+    return `var(--m${state.colors.get(model)})`;
+  };
+  // Rebuild only what changed, so text in the tables can be selected between polls.
+  function update(el, data, build) {
+    const key = JSON.stringify(data);
+    if (el.dataset.key === key) return;
+    el.dataset.key = key;
+    el.replaceChildren(...build());
+  }
+  const modelName = (m) => [h("span", { class: "swatch", style: `background:${color(m)}`, "aria-hidden": "true" }), m];
+
+  /* -- formatting ------------------------------------------------------- */
+
+  const num = (v, d = 0) => v.toLocaleString(undefined, { maximumFractionDigits: d, minimumFractionDigits: d });
+  const tokS = (v) => num(v, v < 100 ? 1 : 0);
+  function dur(s) {
+    s = Math.max(0, Math.floor(s));
+    const d = Math.floor(s / 86400), hh = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60), ss = s % 60;
+    if (d) return `${d} d ${hh} h`;
+    if (hh) return `${hh} h ${String(m).padStart(2, "0")} min`;
+    return m ? `${m} min${ss ? ` ${ss} s` : ""}` : `${ss} s`;
+  }
+  function ms(v) {
+    if (!isNum(v)) return null;
+    if (v < 1000) return `${Math.round(v)} ms`;
+    return v < 60e3 ? `${(v / 1000).toFixed(2)} s` : dur(v / 1000);
+  }
+  const clock = (t) => new Date(t).toLocaleTimeString([], { hour12: false });
+  const ago = (iso) => (nowMs() - Date.parse(iso)) / 1000;
+
+  /* -- talking to Jano -------------------------------------------------- */
+
+  function readToken() {
+    try { return sessionStorage.getItem(TOKEN_KEY); } catch (e) { return state.memToken; }
+  }
+  function writeToken(v) {
+    state.memToken = v;
+    try { v == null ? sessionStorage.removeItem(TOKEN_KEY) : sessionStorage.setItem(TOKEN_KEY, v); } catch (e) { /* memory only */ }
+  }
+
+  async function getJSON(path) {
+    const headers = { Accept: "application/json" };
+    const token = readToken();
+    if (token) headers.Authorization = "Bearer " + token;
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), 5000);
+    try {
+      const r = await fetch(BASE + path, { headers, cache: "no-store", signal: ctl.signal });
+      if (r.status === 401) throw Object.assign(new Error("unauthorized"), { auth: true });
+      if (!r.ok) throw new Error(`${path.split("?")[0]} answered HTTP ${r.status}`);
+      return await r.json();
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  function setConn(kind, text) {
+    document.body.dataset.conn = kind;
+    $("conn").textContent = text;
+  }
+
+  async function poll() {
+    if (state.busy || state.waitingForToken) return;
+    state.busy = true;
+    clearTimeout(state.timer);
+    try {
+      const [st, us] = await Promise.all([getJSON("status"), getJSON("usage?limit=20")]);
+      show(st, us);
+      setConn("live", `live · ${clock(Date.now())}`);
+    } catch (e) {
+      if (e.auth) { state.busy = false; askToken(); return; }
+      setConn("error", e.name === "AbortError" ? "Jano does not answer; retrying…"
+        : `cannot reach Jano (${e.message}); retrying…`);
+    }
+    state.busy = false;
+    state.timer = setTimeout(poll, document.hidden ? HIDDEN_POLL_MS : POLL_MS);
+  }
+
+  function askToken() {
+    const rejected = readToken() != null;
+    writeToken(null);
+    state.waitingForToken = true;
+    const form = $("auth-form");
+    form.dataset.state = rejected ? "rejected" : "needed";
+    $("auth-message").textContent = rejected
+      ? "That token was not accepted. Enter the telemetry token again."
+      : "This Jano protects its status with a telemetry token ([server] telemetry_key). " +
+        "It is kept only in this browser tab.";
+    form.hidden = false;
+    setConn("auth", "token needed");
+    $("token-input").value = "";
+    $("token-input").focus();
+  }
+
+  $("auth-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const value = $("token-input").value.trim();
+    if (!value) return;
+    writeToken(value);
+    $("auth-form").hidden = true;
+    state.waitingForToken = false;
+    setConn("connecting", "connecting…");
+    poll();
+  });
+
+  /* -- history ---------------------------------------------------------- */
+
+  function show(st, us) {
+    const serverNow = Date.parse(st.startedAt) + st.uptimeSeconds * 1000;
+    if (isFinite(serverNow)) state.skew = serverNow - Date.now();
+    state.status = st;
+    state.usage = us;
+    const now = nowMs();
+    Object.keys({ ...st.backendHealth, ...st.queueDepthByModel }).sort().forEach(color);
+    state.samples.push({ t: now, total: st.recentGenTokS, by: { ...(st.recentGenTokSByModel || {}) } });
+    while (state.samples.length > MAX_SAMPLES || state.samples[0].t < now - HISTORY_MS) state.samples.shift();
+    for (const s of st.recentSwaps || []) {
+      const end = Date.parse(s.at), start = Date.parse(s.startedAt);
+      if (!isFinite(end)) continue;
+      state.swaps.set(`${s.group}|${s.startedAt}|${s.at}`,
+        { ...s, end, start: isFinite(start) ? start : end - (s.durationMs || 0) });
+    }
+    const old = [...state.swaps.entries()].sort((a, b) => a[1].end - b[1].end);
+    old.forEach(([k, s], i) => { if (s.end < now - HISTORY_MS || i < old.length - MAX_SWAPS) state.swaps.delete(k); });
+    render();
+  }
+
+  /* -- drawing ---------------------------------------------------------- */
+
+  function render() {
+    const st = state.status;
+    if (!st) return;
+    const now = nowMs();
+    let first = now;
+    if (state.samples.length) first = Math.min(first, state.samples[0].t);
+    for (const s of state.swaps.values()) first = Math.min(first, s.start);
+    const clamp = (d) => Math.min(MAX_SPAN_MS, Math.max(MIN_SPAN_MS, d));
+    const span = clamp(now - first);   // the timeline reaches back to the oldest swap known
+    renderNow(st, now);
+    renderModels(st);
+    renderTimeline(st, now - span, now);
+    renderSwapList(st);
+    renderTokChart(now - clamp(now - (state.samples.length ? state.samples[0].t : now)), now);
+    renderRequests(state.usage);
+    renderTotals(st);
+    $("timeline-span").textContent = `(last ${dur(span / 1000)})`;
+  }
+
+  function renderNow(st, now) {
+    $("version").textContent = `v${st.version} · up ${dur(st.uptimeSeconds)}`;
+    $("draining").hidden = !st.draining;
+    $("current-model").replaceChildren(...(st.currentModel != null ? modelName(st.currentModel) : [naText("nothing loaded")]));
+    $("current-since").textContent = st.currentModelLoadedAt
+      ? `since ${clock(Date.parse(st.currentModelLoadedAt))} (${dur(ago(st.currentModelLoadedAt))})` : "";
+
+    const groups = Object.entries(st.groups || {});
+    const many = groups.length > 1;
+    $("groups").hidden = !many;
+    $("groups").replaceChildren(...(!many ? [] : groups.map(([name, g]) => h("li", { "data-group": name },
+      h("span", { class: "muted" }, `${name}: `),
+      g.resident != null ? modelName(g.resident) : naText("nothing loaded"),
+      g.loadedAt ? h("span", { class: "muted" }, ` since ${clock(Date.parse(g.loadedAt))}`) : "",
+      g.swapInProgress ? h("span", { class: "tag busy" }, `loading ${g.swapInProgress.to}`) : ""))));
+
+    const busy = groups.filter(([, g]) => g.swapInProgress);
+    const sw = $("swap-status");
+    sw.dataset.state = busy.length ? "swapping" : "idle";
+    sw.replaceChildren(...(busy.length ? busy.map(([name, g]) => h("span", { class: "swapping" },
+      "→ ", modelName(g.swapInProgress.to),
+      h("small", {}, `${many ? ` (${name})` : ""} ${ms(Math.max(0, now - Date.parse(g.swapInProgress.since)))} so far`)))
+      : [naText("none")]));
+    const last = st.lastSwap;
+    $("last-swap").replaceChildren(...(last ? [`last: ${last.from ?? "nothing"} → ${last.to}, `,
+      ms(last.durationMs) ?? "duration not reported", " ",
+      h("span", { class: `result r-${last.result}` }, last.result)] : ["no swaps yet"]));
+
+    const thr = st.thrashSwapsPerHour, n = st.swapsLastHour;
+    const over = isNum(n) && isNum(thr) && n > thr;
+    $("swaps-hour").replaceChildren(or(n, String));
+    $("swaps-hour").classList.toggle("bad", over);
+    $("thrash-limit").textContent = isNum(thr) ? `warning above ${thr} per hour` : "";
+    const warn = $("thrash-warning");
+    warn.hidden = !over;
+    warn.textContent = over ? `Thrashing: ${n} model swaps in the last hour, more than the ${thr} per hour ` +
+      "threshold. Each swap stalls every request behind it; look for clients that alternate between models." : "";
+
+    $("tok-s").replaceChildren(...(isNum(st.recentGenTokS) ? [tokS(st.recentGenTokS), h("small", {}, " tok/s")] : [naText()]));
+    $("tok-s-window").textContent = `all models, last ${dur(st.recentWindowSeconds ?? 60)}`;
+    $("in-flight").replaceChildren(or(st.inFlight, String));
+    $("queued").replaceChildren(...(isNum(st.queueDepth) ? [`${st.queueDepth} queued`] : ["queued: ", na()]));
+    $("oldest-waiting").replaceChildren(isNum(st.oldestWaitingMs) ? ms(st.oldestWaitingMs) : naText("nobody"));
+  }
+
+  function renderModels(st) {
+    const names = Object.keys({ ...st.backendHealth, ...st.queueDepthByModel, ...st.inFlightByModel }).sort();
+    const resident = new Set(Object.values(st.groups || {}).map((g) => g.resident).filter(Boolean));
+    const pick = (o, k) => (o || {})[k];
+    const seen = [st.backendHealth, st.queueDepthByModel, st.inFlightByModel, st.recentGenTokSByModel, st.modelsDown, [...resident]];
+    update($("models").tBodies[0], seen, () => names.map((m) => {
+      const health = pick(st.backendHealth, m), down = pick(st.modelsDown, m);
+      return h("tr", { "data-model": m },
+        h("th", { scope: "row" }, modelName(m), resident.has(m) ? h("span", { class: "tag" }, "loaded") : ""),
+        h("td", {}, health ? h("span", { class: `health h-${health}` }, health) : na()),
+        h("td", { class: "n" }, or(pick(st.queueDepthByModel, m), String)),
+        h("td", { class: "n" }, or(pick(st.inFlightByModel, m), String)),
+        h("td", { class: "n", "data-testid": "model-tok-s" }, or(pick(st.recentGenTokSByModel, m), tokS)),
+        h("td", {}, down ? `held down until ${clock(Date.parse(down.until))}${down.reason ? ": " + down.reason : ""}` : ""));
+    }));
+  }
+
+  // Tick marks along the bottom, labelled relative to now.
+  function axis(svg, x, t0, t1, y, left, right) {
+    const steps = [5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3];
+    const step = steps.find((s) => (t1 - t0) / s <= Math.max(2, (right - left) / 90)) || 600e3;
+    svg.append(h("svg:line", { x1: left, x2: right, y1: y, y2: y, class: "axis" }));
+    for (let k = 0; t1 - k * step >= t0 - 1; k++) {
+      const xx = x(t1 - k * step), s = (k * step) / 1000;
+      const anchor = k === 0 ? "end" : xx - left < 24 ? "start" : "middle";
+      svg.append(h("svg:line", { x1: xx, x2: xx, y1: y, y2: y + 4, class: "axis" }),
+        h("svg:text", { x: xx, y: y + 15, class: "tick", "text-anchor": anchor },
+          k === 0 ? "now" : s < 60 ? `−${s} s` : `−${s / 60} min`));
+    }
+  }
+
+  function frame(svg, height) {
+    const width = Math.max(280, Math.floor(svg.parentNode.clientWidth || 600));
+    svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    svg.setAttribute("width", width);
+    svg.setAttribute("height", height);
+    svg.replaceChildren();
+    return width;
+  }
+
+  function renderTimeline(st, t0, t1) {
+    const svg = $("swap-timeline");
+    const groups = Object.keys(st.groups || {});
+    if (!groups.length) groups.push("default");
+    const lane = 30, gap = 8, top = 10;
+    const W = frame(svg, top + groups.length * (lane + gap) + 14);
+    const left = groups.length > 1 ? 84 : 0, right = W - 1;
+    const x = (t) => left + ((Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0)) * (right - left);
+    const all = [...state.swaps.values()].sort((a, b) => a.start - b.start);
+    let shown = 0, failed = 0;
+    groups.forEach((g, gi) => {
+      const y = top + gi * (lane + gap), info = (st.groups || {})[g] || {};
+      svg.append(h("svg:rect", { x: left, y, width: right - left, height: lane, rx: 3, class: "lane" }));
+      if (left) svg.append(h("svg:text", { x: left - 6, y: y + lane / 2 + 4, "text-anchor": "end", class: "tick" }, g));
+      const segment = (model, a, b) => {
+        if (model == null || b <= t0 || a >= t1 || b <= a) return;
+        const xa = x(a), w = x(b) - xa;
+        if (w < 0.5) return;
+        svg.append(h("svg:rect", { x: xa, y: y + 4, width: w, height: lane - 8, rx: 2, class: "resident",
+          style: `fill:${color(model)}`, "data-model": model },
+          h("svg:title", {}, `${model} loaded, ${a < t0 ? "before " + clock(t0) : clock(a)} to ${b >= t1 ? "now" : clock(b)}`)));
+        if (w > model.length * 7 + 12) svg.append(h("svg:text", { x: xa + 6, y: y + lane / 2 + 4, class: "seglabel" }, model));
+      };
+      const mine = all.filter((s) => s.group === g);
+      let cur = mine.length ? mine[0].from : info.resident, since = -Infinity;
+      for (const s of mine) {
+        segment(cur, since, s.start);
+        cur = s.result === "ok" ? s.to : null;
+        since = s.end;
+      }
+      const pending = info.swapInProgress;
+      const pendingStart = pending ? Date.parse(pending.since) : t1;
+      segment("resident" in info ? info.resident : cur, since, pendingStart);
+      const mark = (s, a, b, result, label) => {
+        const xa = x(a), w = Math.max(3, x(b) - xa);
+        svg.append(h("svg:g", { class: `swap r-${result}`, "data-result": result, "data-testid": "swap" },
+          h("svg:title", {}, label),
+          h("svg:rect", { x: xa, y, width: w, height: lane, rx: 1 }),
+          result !== "ok" && result !== "pending" ? [h("svg:circle", { cx: xa + w / 2, cy: y, r: 7, class: "fail-dot" }),
+            h("svg:text", { x: xa + w / 2, y: y + 3.5, "text-anchor": "middle", class: "fail-mark" }, "✕")] : null));
+      };
+      for (const s of mine) {
+        if (s.end < t0) continue;
+        shown++;
+        if (s.result !== "ok") failed++;
+        mark(s, s.start, s.end, s.result, `${s.from ?? "nothing"} → ${s.to}: ${s.result}, ` +
+          `${ms(s.durationMs) ?? "duration not reported"}, at ${clock(s.start)}${s.error ? ". " + s.error : ""}`);
+      }
+      if (pending && isFinite(pendingStart)) mark(null, pendingStart, t1, "pending", `loading ${pending.to} since ${clock(pendingStart)}`);
+    });
+    axis(svg, x, t0, t1, top + groups.length * (lane + gap) - gap + 2, left, right);
+    svg.setAttribute("aria-label", `Swap timeline: ${shown} swap${shown === 1 ? "" : "s"} shown` +
+      (failed ? `, ${failed} failed` : "") + ". The list below has the details.");
+    const models = [...state.colors.keys()];
+    $("timeline-legend").replaceChildren(...models.map((m) => h("span", {}, modelName(m))),
+      h("span", {}, h("span", { class: "swatch swap-key", "aria-hidden": "true" }), "swap (width = its duration)"),
+      h("span", {}, h("span", { class: "swatch fail-key", "aria-hidden": "true" }), "failed swap"));
+  }
+
+  function renderSwapList(st) {
+    const many = Object.keys(st.groups || {}).length > 1;
+    const recent = [...state.swaps.values()].sort((a, b) => b.end - a.end).slice(0, 8);
+    update($("swap-list"), [many, recent], () => (recent.length ? recent.map((s) => h("li", { "data-result": s.result },
+      h("time", { datetime: s.at }, clock(s.end)), many ? ` [${s.group}]` : "", ` ${s.from ?? "nothing"} → ${s.to} `,
+      or(ms(s.durationMs), String), " ", h("span", { class: `result r-${s.result}` }, s.result),
+      s.error ? h("span", { class: "err" }, ` ${s.error}`) : "")) : [h("li", { class: "muted" }, "No swaps seen yet.")]));
+  }
+
+  function niceCeil(v) {
+    if (!(v > 0)) return 0;
+    const p = 10 ** Math.floor(Math.log10(v));
+    return [1, 2, 2.5, 5, 10].map((m) => m * p).find((c) => c >= v);
+  }
+
+  function renderTokChart(t0, t1) {
+    const svg = $("tok-chart");
+    const H = 160, top = 10, bottom = H - 22, left = 44;
+    const W = frame(svg, H), right = W - 8;
+    const pts = state.samples.filter((s) => s.t >= t0 - 2 * POLL_MS);
+    const models = [...new Set(pts.flatMap((s) => Object.keys(s.by)))].sort();
+    const series = models.map((m) => [m, pts.map((s) => [s.t, s.by[m]])]);
+    if (!models.length && pts.some((s) => isNum(s.total))) series.push(["all models", pts.map((s) => [s.t, s.total])]);
+    let max = 0;
+    for (const [, ps] of series) for (const [, v] of ps) if (isNum(v)) max = Math.max(max, v);
+    const x = (t) => left + ((Math.max(t, t0) - t0) / (t1 - t0)) * (right - left);
+    axis(svg, x, t0, t1, bottom, left, right);
+    if (!series.length) {
+      svg.append(h("svg:text", { x: (left + right) / 2, y: H / 2, "text-anchor": "middle", class: "empty" },
+        "no generation speed reported in this window"));
+      $("tok-legend").replaceChildren();
+      return;
+    }
+    const ymax = niceCeil(max * 1.1) || 1;
+    const y = (v) => bottom - (v / ymax) * (bottom - top);
+    for (const v of [0, ymax / 2, ymax]) {
+      svg.append(h("svg:line", { x1: left, x2: right, y1: y(v), y2: y(v), class: "grid" }),
+        h("svg:text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "tick" }, num(v, ymax < 10 ? 1 : 0)));
+    }
+    const legend = [];
+    for (const [m, ps] of series) {
+      let d = "", pen = false, lastPoint = null;
+      for (const [t, v] of ps) {
+        if (!isNum(v)) { pen = false; continue; }
+        d += `${pen ? "L" : "M"}${x(t).toFixed(1)} ${y(v).toFixed(1)}`;
+        pen = true;
+        lastPoint = [t, v];
+      }
+      const stroke = m === "all models" ? "var(--fg)" : color(m);
+      if (d) svg.append(h("svg:path", { d, class: "line", style: `stroke:${stroke}`, "data-model": m }));
+      if (lastPoint) svg.append(h("svg:circle", { cx: x(lastPoint[0]), cy: y(lastPoint[1]), r: 3, style: `fill:${stroke}` }));
+      const latest = ps.length ? ps[ps.length - 1][1] : null;
+      legend.push(h("span", {}, m === "all models" ? m : modelName(m), " ", isNum(latest) ? `${tokS(latest)} tok/s` : na()));
+    }
+    $("tok-legend").replaceChildren(...legend);
+  }
+
+  function renderRequests(us) {
+    const rows = (us && us.data) || [];
+    $("requests-empty").hidden = rows.length > 0;
+    update($("requests").tBodies[0], rows, () => rows.map((r) => h("tr", { "data-testid": "request-row", "data-id": r.id, "data-outcome": r.outcome },
+      h("td", {}, r.arrivedAt ? h("time", { datetime: r.arrivedAt }, clock(Date.parse(r.arrivedAt))) : na()),
+      h("td", {}, r.model ? modelName(r.model) : na("no model")),
+      h("td", { class: "n" }, or(r.status, String), r.stream ? h("span", { class: "tag", title: "streamed" }, "stream") : ""),
+      h("td", { class: "n" }, or(r.queueWaitMs, ms), r.waitedForSwap ? h("span", { class: "tag busy", title: "waited for a model swap" }, "swap") : ""),
+      h("td", { class: "n" }, or(r.ttfbMs, ms)),
+      h("td", { class: "n" }, or(r.durationMs, ms)),
+      h("td", { class: "n", title: r.usageSource ? `usage from ${r.usageSource}` : "the backend reported no usage" },
+        or(r.promptTokens, num), isNum(r.cachedTokens) && r.cachedTokens > 0 ? h("small", {}, ` (${num(r.cachedTokens)} cached)`) : "",
+        " → ", or(r.completionTokens, num)),
+      h("td", { class: "n", title: isNum(r.promptTokS) ? `prompt: ${num(r.promptTokS)} tok/s` : null },
+        or(r.genTokS, tokS), r.genTokSSource === "router" ? h("small", { title: "timed by Jano from the stream, not reported by the backend" }, " est.") : ""),
+      h("td", {}, r.outcome ? h("span", { class: `outcome o-${r.outcome}`, title: r.outcome }, OUTCOMES[r.outcome] || r.outcome) : na()))));
+  }
+
+  function renderTotals(st) {
+    const rows = [["Requests", st.requestsTotal, num], ["Served", st.requestsServedTotal, num],
+      ["Without usage", st.requestsWithoutUsageTotal, num], ["Tokens generated", st.tokensGeneratedTotal, num],
+      ["Prompt tokens", st.promptTokensTotal, num], ["Uptime", st.uptimeSeconds, dur], ["Version", st.version, String]];
+    $("totals").replaceChildren(...rows.flatMap(([k, v, f]) => [h("dt", {}, k), h("dd", {}, or(v, f))]));
+  }
+
+  /* -- start ------------------------------------------------------------ */
+
+  let pendingFrame = 0;
+  window.addEventListener("resize", () => {
+    cancelAnimationFrame(pendingFrame);
+    pendingFrame = requestAnimationFrame(render);
+  });
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
+  // For tests and debugging: feed a /status and /usage document by hand.
+  window.janoDashboard = { show, state };
+  poll();
+})();
