@@ -22,6 +22,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from jano import __version__
+from jano.h1 import raw_error
 from jano.proxy import Exchange, Forwarder, write_error
 from jano.records import ModelSpec
 from jano.routing import MODEL_HEADER, Refusal, Routed, error_body, route
@@ -80,9 +81,8 @@ class JanoRequest(server.Request):
         path = target.split(b"?", 1)[0]
         channel = self.channel
         if channel is not None and channel.transport is not None:
-            channel.transport.write(_raw_error(
-                b"413 Content Too Large", f"request body larger than {self.max_body_bytes} bytes",
-                ollama=path.startswith(b"/api/")))
+            channel.transport.write(raw_error(
+                413, f"request body larger than {self.max_body_bytes} bytes", path))
             channel.loseConnection()
 
     def process(self) -> None:
@@ -93,21 +93,13 @@ class JanoRequest(server.Request):
         super().process()
 
 
-def _raw_error(status: bytes, message: str, ollama: bool = False) -> bytes:
-    """A whole HTTP response for errors found before a request object can answer."""
-    body = error_body(b"/api/" if ollama else b"/", int(status.split()[0]), message,
-                      "invalid_request_error")
-    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
 class JanoChannel(http.HTTPChannel):
     """HTTP/1.1 channel that answers an over-long header line with 431 instead of a silent close."""
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.transport is not None:
-            self.transport.write(_raw_error(b"431 Request Header Fields Too Large",
-                                            f"a request line or header exceeds {self.MAX_LENGTH} bytes"))
+            self.transport.write(raw_error(
+                431, f"a request line or header exceeds {self.MAX_LENGTH} bytes"))
             self.loseConnection()
 
 
@@ -189,11 +181,15 @@ class JanoResource(Resource):
         self.jano = jano
         self.api = make_api(jano).resource()
 
+    @staticmethod
+    def is_own(method: bytes, path: bytes, accept: Optional[bytes]) -> bool:
+        """Whether Jano answers this itself (Klein) rather than forwarding it."""
+        return path in OWN_ROUTES or path.startswith(b"/ui/") or (
+            path == b"/" and method == b"GET" and b"text/html" in (accept or b""))
+
     def render(self, request: Request) -> Any:
         path = local_path(request)
-        if path in OWN_ROUTES or path.startswith(b"/ui/") or (
-                path == b"/" and request.method == b"GET"
-                and b"text/html" in (request.getHeader(b"accept") or b"")):
+        if self.is_own(request.method, path, request.getHeader(b"accept")):
             return self.api.render(request)
         return self.proxy(request, path)
 
@@ -210,11 +206,13 @@ class JanoResource(Resource):
             fwd.refuse(request, Refusal(400, "invalid path", "invalid_request_error",
                                         "bad_request"), arrived)
             return NOT_DONE_YET
-        content = request.content
-        body = b""
-        if content is not None:
-            content.seek(0)
-            body = content.read()
+        body: Optional[bytes] = getattr(request, "body", None)  # jano.h1.ProxyRequest
+        if body is None:
+            body = b""
+            content = request.content
+            if content is not None:
+                content.seek(0)
+                body = content.read()
         decision = route(request.method, path, body, request.getHeader(MODEL_HEADER),
                          jano.by_name, jano.fallback)
         if isinstance(decision, Refusal):

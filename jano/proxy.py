@@ -55,11 +55,11 @@ class BytesProducer:
     """
 
     def __init__(self, body: bytes) -> None:
-        self._body = body
+        self.body = body
         self.length = len(body)
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
+        consumer.write(self.body)
         return succeed(None)
 
     def pauseProducing(self) -> None:
@@ -98,16 +98,25 @@ def upstream_headers(incoming: Headers, client_host: Optional[str],
 
 
 def copy_response_headers(response: IResponse, request: Request) -> None:
-    """Give the client the upstream's status and end-to-end headers, nothing of Twisted's own."""
+    """
+    Give the client the upstream's status, end-to-end headers and length,
+    nothing of Twisted's own.  Headers the upstream's ``Connection`` header
+    names are hop-by-hop too (``jano.upstream`` reports them; Twisted's
+    ``Agent`` hides that header).
+    """
     request.setResponseCode(response.code, response.phrase)
     out = request.responseHeaders
     out.removeHeader(b"server")
     out.removeHeader(b"date")
     request.defaultContentType = None
-    drop = HOP_BY_HOP | _connection_tokens(response.headers)
+    drop = HOP_BY_HOP | _connection_tokens(response.headers) | getattr(
+        response, "connection_tokens", frozenset())
     for name, values in response.headers.getAllRawHeaders():
         if name.lower() not in drop:
             out.setRawHeaders(name, values)
+    length = response.length
+    if isinstance(length, int):
+        out.setRawHeaders(b"content-length", [b"%d" % length])
 
 
 class Admission(TypingProtocol):
@@ -140,6 +149,13 @@ def write_error(request: Request, status: int, message: str, kind: str,
             b"retry-after", [str(max(1, int(retry_after + 0.999))).encode()])
     request.write(body)
     request.finish()
+
+
+def _abort_client(request: Request) -> None:
+    """Drop the client's connection at once, unsent bytes and all."""
+    channel = request.channel
+    if channel is not None and channel.transport is not None:
+        cast(ITCPTransport, channel.transport).abortConnection()
 
 
 class Forwarder:
@@ -333,12 +349,15 @@ class Exchange:
         if self.client_gone:
             self._end("client_disconnected")
             return
-        self.request.finish()
         if not completed:
-            self.log.warn("{model}: upstream body ended early after {n} bytes",
-                          model=self.spec.name, n=nbytes)
+            # Cut the client's connection too, as a reverse proxy does: a cleanly
+            # ended response would pass the truncation off as complete.
+            self.log.warn("{model}: upstream body ended early after {n} bytes; "
+                          "dropping the client connection", model=self.spec.name, n=nbytes)
             self._end("upstream_error")
+            _abort_client(self.request)
             return
+        self.request.finish()
         usage: Optional[Usage] = None
         if self._tail is not None and nbytes:
             ctype = self._content_type.decode("latin-1") if self._content_type else None
@@ -351,9 +370,7 @@ class Exchange:
         """The client read nothing for ``idle_write_timeout``: free its connection and the upstream."""
         self.log.warn("{model}: client read nothing for {t:g}s; dropping it",
                       model=self.spec.name, t=self.fwd.idle_write_timeout)
-        channel = self.request.channel
-        if channel is not None and channel.transport is not None:
-            cast(ITCPTransport, channel.transport).abortConnection()  # fires notifyFinish's errback -> _client_lost
+        _abort_client(self.request)  # fires notifyFinish's errback -> _client_lost
 
     def _client_lost(self, failure: Failure) -> None:
         if self.phase == "done":

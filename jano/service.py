@@ -29,6 +29,7 @@ from twisted.web.resource import IResource
 from jano import __version__
 from jano.api import Jano, JanoResource, JanoSite
 from jano.config import Config, ConfigError, load_config
+from jano.h1 import JanoHTTPFactory
 from jano.proxy import Forwarder
 from jano.records import ModelSpec
 from jano.scheduler import Scheduler
@@ -160,7 +161,8 @@ class JanoService(MultiService):
         self.site = JanoSite(self.resource, max_body_bytes=config.server.max_body_bytes)
         self.listener: Optional[Any] = None
         if listen:
-            self.listener = strports.service(config.server.listen, self.site, reactor=reactor)
+            self.factory = JanoHTTPFactory(self.site, reactor)
+            self.listener = strports.service(config.server.listen, self.factory, reactor=reactor)
             self.listener.setServiceParent(self)
 
     # --- wiring helpers -------------------------------------------------------------

@@ -223,14 +223,24 @@ def test_hundreds_of_concurrent_paced_streams_complete_uncorrupted(tmp_path: Pat
         backend.stop()
 
 
-def test_backend_dying_mid_stream_ends_the_client_stream_and_is_recorded(tmp_path: Path) -> None:
+def test_backend_dying_mid_stream_cuts_the_client_connection_and_is_recorded(tmp_path: Path) -> None:
     backend = start_fake_backend(tmp_path, model="m")
     jano = start_jano(tmp_path, jano_config([("m", backend.url)], always_on=True))
     try:
-        status, _, body = post_json(jano.url + "/v1/chat/completions",
-                                    {"model": "m", "stream": True, "max_tokens": 50, "messages": []},
-                                    headers={"X-Fake-Fail-After": "4"})
-        assert status == 200 and body.count(b"Tok") == 4 and b"[DONE]" not in body
+        sock = _open_stream(jano.url, {"model": "m", "stream": True, "max_tokens": 50, "messages": []},
+                            {"X-Fake-Fail-After": "4"})
+        raw = b""
+        try:
+            while chunk := sock.recv(65536):
+                raw += chunk
+        except ConnectionResetError:
+            pass  # Jano aborts the connection, as nginx does: the cut is visible to the client
+        finally:
+            sock.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+        assert body.count(b"Tok") == 4 and b"[DONE]" not in body
+        assert not body.endswith(b"0\r\n\r\n")  # no clean end of the chunked body
         rec = _usage(jano.url)[0]
         assert rec["outcome"] == "upstream_error" and rec["completionTokens"] is None
         st = json.loads(get(jano.url + "/status")[2])

@@ -276,14 +276,20 @@ def test_no_response_headers_in_time_is_504() -> None:
     assert pending[0].called  # the upstream request was cancelled, not left dangling
 
 
-def test_backend_dying_mid_stream_truncates_and_is_recorded() -> None:
+def test_backend_dying_mid_stream_cuts_the_client_connection_and_is_recorded() -> None:
+    from twisted.web.client import ResponseFailed
+
     w = World()
     req = dict(CHAT, stream=True, max_tokens=50)
     d = w.client.post("http://jano/v1/chat/completions", data=json.dumps(req).encode(),
                       headers={"X-Fake-Fail-After": "3"})
     resp = w.pump(d)
     assert resp.code == 200
-    body = w.pump(w.client.content(resp))
+    got: list[bytes] = []
+    done = w.client.collect(resp, got.append)
+    with pytest.raises(ResponseFailed):  # no clean end of the chunked body: the client sees the cut
+        w.pump(done)
+    body = b"".join(got)
     assert b"Tok2" in body and b"[DONE]" not in body
     rec = w.usage()[0]
     assert rec["outcome"] == "upstream_error" and rec["completionTokens"] is None
