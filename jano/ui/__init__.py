@@ -36,6 +36,16 @@ def install(app: "Klein", jano: "Jano", guard: Callable[[Request, Optional[str]]
     def index(request: Request) -> bytes:
         return _file(request, "index.html")
 
+    @app.route("/ui/", methods=["GET", "HEAD"])
+    def index_slash(request: Request) -> bytes:
+        # The page loads its files relative to itself ("ui/app.js"), which
+        # resolves from /ui and / only: send /ui/ to /ui (relative, so a prefix
+        # mount works too).
+        request.setResponseCode(308)
+        request.setHeader(b"location", b"../ui")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"see ../ui\n"
+
     @app.route("/ui/<name>", methods=["GET", "HEAD"])
     def asset(request: Request, name: str) -> bytes:
         return _file(request, name)

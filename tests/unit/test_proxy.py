@@ -405,3 +405,11 @@ def test_mounted_under_a_prefix_forwards_the_path_below_it() -> None:
     client.get("http://host/llm/health").addBoth(box.append)
     client.flush()
     assert box[0].code == 200
+
+
+def test_the_dashboard_with_a_trailing_slash_is_sent_to_its_real_address() -> None:
+    w = World()
+    resp = w.pump(w.client.get("http://jano/ui/", allow_redirects=False))
+    assert resp.code == 308 and resp.headers.getRawHeaders("location") == ["../ui"]
+    resp, body = w.call("GET", "/ui")
+    assert resp.code == 200 and b'src="ui/app.js"' in body
