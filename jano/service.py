@@ -23,7 +23,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, URI, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
-from twisted.web.iweb import IAgent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import IResource
 
 from jano import __version__
@@ -35,6 +36,7 @@ from jano.records import ModelSpec
 from jano.scheduler import Scheduler
 from jano.swap import ScriptSwapper, SwapCommandError, check_swap_command, http_probe
 from jano.telemetry import HealthMonitor, Telemetry
+from jano.upstream import UpstreamAgent
 
 #: Probes and readiness checks get their own short timeout.
 PROBE_TIMEOUT = 5.0
@@ -80,6 +82,41 @@ class CachedEndpoints:
         return endpoint
 
 
+@implementer(IAgent)
+class ForwardingAgent:
+    """
+    The agent model traffic is forwarded with: ``http://`` upstreams through
+    :class:`jano.upstream.UpstreamAgent` (lean, pooled), ``https://`` ones
+    through Twisted's ``Agent`` with a persistent pool, which brings TLS.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        # idle_timeout stays below llama-server's and Node's 5 s keep-alive, so a
+        # pooled connection is rarely reused just as the backend closes it.
+        self.plain = UpstreamAgent(reactor, max_idle_per_host=64, idle_timeout=3.0)
+        self._tls: Optional[Agent] = None
+        self._tls_pool: Optional[HTTPConnectionPool] = None
+
+    def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None,
+                bodyProducer: Optional[IBodyProducer] = None) -> Deferred[IResponse]:
+        if uri[:8].lower() == b"https://":
+            if self._tls is None:
+                pool = self._tls_pool = QuietPool(self._reactor, persistent=True)
+                pool.cachedConnectionTimeout = 3
+                pool.maxPersistentPerHost = 64
+                self._tls = Agent.usingEndpointFactory(self._reactor,
+                                                       CachedEndpoints(self._reactor), pool=pool)
+            return self._tls.request(method, uri, headers, bodyProducer)
+        return self.plain.request(method, uri, headers, bodyProducer)
+
+    def close_idle(self) -> Deferred[Any]:
+        closing: list[Deferred[Any]] = [self.plain.close_idle()]
+        if self._tls_pool is not None:
+            closing.append(self._tls_pool.closeCachedConnections())
+        return DeferredList(closing, consumeErrors=True)
+
+
 def _reactor(reactor: Any) -> Any:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -110,15 +147,9 @@ class JanoService(MultiService):
         self.reactor = reactor
         self.config = config
         self._pools: list[HTTPConnectionPool] = []
+        self._upstream: Optional[ForwardingAgent] = None
         if agent is None:
-            pool = QuietPool(reactor, persistent=True)
-            # Below llama-server's and Node's 5 s keep-alive, so a pooled
-            # connection is rarely reused just as the backend closes it.
-            pool.cachedConnectionTimeout = 3
-            pool.maxPersistentPerHost = 64
-            pool.retryAutomatically = True
-            self._pools.append(pool)
-            agent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor), pool=pool)
+            agent = self._upstream = ForwardingAgent(reactor)
         if probe is None:
             import treq.client
 
@@ -261,6 +292,8 @@ class JanoService(MultiService):
             self.running = False
             for pool in self._pools:
                 stops.append(pool.closeCachedConnections())
+            if self._upstream is not None:
+                stops.append(self._upstream.close_idle())
             return DeferredList(stops, consumeErrors=True)
 
         drained.addErrback(lambda _: None)

@@ -90,3 +90,25 @@ def test_upstream_endpoints_are_built_once_per_upstream() -> None:
     b = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8081/health"))
     tls = factory.endpointForURI(URI.fromBytes(b"https://example.test/v1/models"))
     assert a1 is a2 and a1 is not b and tls is not b
+
+
+def test_plain_upstreams_use_the_lean_agent_and_tls_ones_twisteds() -> None:
+    from twisted.internet.defer import Deferred
+
+    from jano.service import ForwardingAgent
+
+    agent = ForwardingAgent(MemoryReactorClock())
+    seen: list[bytes] = []
+
+    class Recording:
+        def request(self, method: bytes, uri: bytes, *a: Any) -> Deferred[Any]:
+            seen.append(uri)
+            return Deferred()
+
+    agent.plain = Recording()  # type: ignore[assignment]
+    agent.request(b"GET", b"http://127.0.0.1:8080/health")
+    assert seen == [b"http://127.0.0.1:8080/health"] and agent._tls is None
+    d = agent.request(b"GET", b"https://example.test/health")
+    assert seen == [b"http://127.0.0.1:8080/health"] and agent._tls is not None
+    d.cancel()
+    d.addErrback(lambda _: None)
