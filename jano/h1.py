@@ -33,7 +33,7 @@ What it does, in HTTP/1.1 terms:
 from __future__ import annotations
 
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, Optional, Protocol as TypingProtocol, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol as TypingProtocol, Sequence, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IConsumer, IDelayedCall, IProducer, IReactorTime
@@ -45,6 +45,7 @@ from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from jano.headers import WireHeaders
 from jano.routing import error_body
 from jano.writethrough import send_now
 
@@ -101,7 +102,7 @@ def raw_error(status: int, message: str, path: bytes = b"/",
 def parse_head(block: bytes) -> tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]]]:
     """
     Split a request head (without its blank line) into method, target,
-    version and ``(lower-cased name, value)`` pairs.
+    version and ``(name as sent, value)`` pairs.
 
     Strict where leniency enables request smuggling: no whitespace before the
     colon, no obsolete line folding, no control characters in names.
@@ -125,7 +126,7 @@ def parse_head(block: bytes) -> tuple[bytes, bytes, bytes, list[tuple[bytes, byt
         name, colon, value = line.partition(b":")
         if not colon or not name or name.translate(None, _TCHAR):
             raise BadRequest(400, "malformed header line")
-        pairs.append((name.lower(), value.strip(b" \t")))
+        pairs.append((name, value.strip(b" \t")))
     return method, target, version, pairs
 
 
@@ -207,12 +208,13 @@ class ProxyRequest:
         self.clientproto = version
         self.requestHeaders = headers
         self.body = body
-        self.responseHeaders = Headers()
+        self.responseHeaders: Headers = WireHeaders()
         self.code = 200
         self.code_message: Optional[bytes] = None
         self._chunked = False
         self._no_body = False
         self._finish_waiters: list[Deferred[None]] = []
+        self._lost_callbacks: list[Callable[[Failure], object]] = []
 
     # --- the request --------------------------------------------------------------------
 
@@ -223,6 +225,10 @@ class ProxyRequest:
     def getClientAddress(self) -> IAddress:
         assert self.channel is not None and self.channel.conn is not None
         return self.channel.conn.getPeer()
+
+    def watch_lost(self, callback: Callable[[Failure], object]) -> None:
+        """Call ``callback`` with the reason if the connection is lost before :meth:`finish`."""
+        self._lost_callbacks.append(callback)
 
     def notifyFinish(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -287,9 +293,11 @@ class ProxyRequest:
         elif self._chunked:
             channel.send(b"0\r\n\r\n")
         self.finished = True
-        waiters, self._finish_waiters = self._finish_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._lost_callbacks = []
+        if self._finish_waiters:
+            waiters, self._finish_waiters = self._finish_waiters, []
+            for d in waiters:
+                d.callback(None)
         channel.request_done(self)
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
@@ -305,6 +313,9 @@ class ProxyRequest:
         waiters, self._finish_waiters = self._finish_waiters, []
         for d in waiters:
             d.errback(reason)
+        callbacks, self._lost_callbacks = self._lost_callbacks, []
+        for callback in callbacks:
+            callback(reason)
 
 
 @implementer(IConsumer)
@@ -326,15 +337,15 @@ class HTTP11Server(Protocol):
         self._paused = False
         self.idle_since = 0.0
 
-    @property
-    def conn(self) -> Optional[_Conn]:
-        return cast(Optional[_Conn], self.transport)
+    #: The transport, typed for what this module uses of it.
+    conn: Optional[_Conn] = None
 
     # --- connection ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
+        self.conn = cast(_Conn, transport)
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)  # responses are written whole; stream chunks must not wait
         self.idle_since = self.factory.clock.seconds()
@@ -347,8 +358,8 @@ class HTTP11Server(Protocol):
             current.connectionLost(reason)
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None:
-            send_now(self.transport, data)
+        if self.conn is not None:
+            send_now(self.conn, data)
 
     def close(self) -> None:
         """Write what is pending, then close; read nothing more."""
@@ -434,7 +445,8 @@ class HTTP11Server(Protocol):
         chunked = False
         expect = False
         self.persistent = version == b"HTTP/1.1"
-        for name, value in pairs:
+        for spelled, value in pairs:
+            name = spelled.lower()
             if name == b"content-length":
                 if length is not None and value != length:
                     raise BadRequest(400, "conflicting Content-Length headers")
@@ -486,9 +498,7 @@ class HTTP11Server(Protocol):
     def _dispatch(self, head: tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]]],
                   body: bytes) -> None:
         method, target, version, pairs = head
-        headers = Headers()
-        for name, value in pairs:
-            headers.addRawHeader(name, value)
+        headers = WireHeaders.from_pairs(pairs)
         factory = self.factory
         resource = factory.site.resource
         path = target.split(b"?", 1)[0]
@@ -504,7 +514,7 @@ class HTTP11Server(Protocol):
             self.log.failure("proxying {method} {path} failed", method=method, path=path)
             if not request.startedWriting and self._current is request:
                 request.setResponseCode(500)
-                request.responseHeaders = Headers({b"content-type": [b"application/json"]})
+                request.responseHeaders = WireHeaders({b"content-type": [b"application/json"]})
                 request.write(error_body(path, 500, "internal error", "internal_error"))
                 request.finish()
             elif self.conn is not None:
@@ -514,7 +524,7 @@ class HTTP11Server(Protocol):
                    body: bytes) -> None:
         """Jano's own routes: a real ``twisted.web`` request, with this protocol as its channel."""
         request = server.Request(self)
-        request.requestHeaders = headers
+        request.requestHeaders = Headers(dict(headers.getAllRawHeaders()))
         request.content = BytesIO(body)
         self._current = request
         request.requestReceived(method, target, version)

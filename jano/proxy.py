@@ -22,6 +22,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse, UNKNOWN_LENGTH
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from jano.headers import WireHeaders
 from jano.records import Outcome, Usage, UsageRecord
 from jano.routing import Refusal, error_body
 from jano.tee import StreamTee
@@ -85,10 +86,8 @@ def upstream_headers(incoming: Headers, client_host: Optional[str],
     drop = _NOT_FORWARDED | _connection_tokens(incoming)
     if strip_authorization:
         drop = drop | {b"authorization"}
-    out = Headers()
-    for name, values in incoming.getAllRawHeaders():
-        if name.lower() not in drop:
-            out.setRawHeaders(name, values)
+    out = WireHeaders()
+    out.copy_from(incoming, drop)
     if client_host:
         prior = incoming.getRawHeaders(b"x-forwarded-for")
         host = client_host.encode("ascii", "replace")
@@ -111,9 +110,12 @@ def copy_response_headers(response: IResponse, request: Request) -> None:
     request.defaultContentType = None
     drop = HOP_BY_HOP | _connection_tokens(response.headers) | getattr(
         response, "connection_tokens", frozenset())
-    for name, values in response.headers.getAllRawHeaders():
-        if name.lower() not in drop:
-            out.setRawHeaders(name, values)
+    if isinstance(out, WireHeaders):
+        out.copy_from(response.headers, drop)
+    else:
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in drop:
+                out.setRawHeaders(name, values)
     length = response.length
     if isinstance(length, int):
         out.setRawHeaders(b"content-length", [b"%d" % length])
@@ -227,7 +229,11 @@ class Exchange:
     # --- phases -------------------------------------------------------------------
 
     def start(self) -> None:
-        self.request.notifyFinish().addErrback(self._client_lost)
+        watch = getattr(self.request, "watch_lost", None)  # jano.h1.ProxyRequest: no Deferred
+        if watch is not None:
+            watch(self._client_lost)
+        else:
+            self.request.notifyFinish().addErrback(self._client_lost)
         if not self.admit:
             self._forward(None)
             return

@@ -48,10 +48,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers, InvalidHeaderName
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse, UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from jano.headers import WireHeaders
 from jano.writethrough import send_now
 
 __all__ = [
@@ -77,6 +78,8 @@ _CONNECTION_FIELDS = frozenset({
 _VERSIONS = {b"HTTP/1.1": (b"HTTP", 1, 1), b"HTTP/1.0": (b"HTTP", 1, 0)}
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+#: RFC 9110 token characters, the only ones allowed in a field name.
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                b"-._~!$&'()*+,;=%")
 _KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
@@ -130,10 +133,9 @@ def parse_response_head(block: bytes, *, head_request: bool = False) -> Response
         folding, a field line without a colon or with an invalid name, or
         Content-Length / Transfer-Encoding we cannot frame a body with.
     """
-    crlfs = block.count(b"\r\n")
-    if block.count(b"\r") != crlfs or block.count(b"\n") != crlfs:
-        raise MalformedResponse("bare CR or LF in the response head")
     lines = block.split(b"\r\n")
+    if block.count(b"\n") != len(lines) - 1 or block.count(b"\r") != len(lines) - 1:
+        raise MalformedResponse("bare CR or LF in the response head")
     status = lines[0]
     version_b, _, rest = status.partition(b" ")
     version = _VERSIONS.get(version_b)
@@ -142,8 +144,8 @@ def parse_response_head(block: bytes, *, head_request: bool = False) -> Response
             or rest[3:4] not in (b"", b" ")):
         raise MalformedResponse(f"bad status line {status[:100]!r}")
     code = int(code_b)
-    headers = Headers()
-    add = headers.addRawHeader
+    pairs: list[tuple[bytes, bytes]] = []
+    add = pairs.append
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
@@ -159,16 +161,16 @@ def parse_response_head(block: bytes, *, head_request: bool = False) -> Response
             if lower == b"content-length":
                 lengths.append(value)
                 if head_request:
-                    add(name, value)
+                    add((name, value))
             elif lower == b"transfer-encoding":
                 codings.append(value)
             elif lower == b"connection":
                 connection.append(value)
             continue
-        try:
-            add(name, value)
-        except InvalidHeaderName:
-            raise MalformedResponse(f"invalid response header name {name[:100]!r}") from None
+        if not name or name.translate(None, _TCHAR):
+            raise MalformedResponse(f"invalid response header name {name[:100]!r}")
+        add((name, value))
+    headers = WireHeaders.from_pairs(pairs)
 
     tokens = _NO_TOKENS
     if connection:

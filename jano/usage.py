@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import replace
 from typing import Any, Iterator, Mapping, Optional
 
 from jano.records import Usage
@@ -160,7 +159,7 @@ def with_router_timing(
     span = last_chunk_at - first_chunk_at
     if not (math.isfinite(span) and span > 0):
         return usage
-    return replace(usage, gen_tok_s=(n - 1) / span, timed_by="router")
+    return usage._replace(gen_tok_s=(n - 1) / span, timed_by="router")
 
 
 # -- framing -----------------------------------------------------------------

@@ -76,14 +76,15 @@ def _post(path: bytes, body: bytes, extra: bytes = b"") -> bytes:
 
 def test_a_proxied_request_arrives_parsed_and_its_answer_goes_out_whole() -> None:
     c = Conn()
-    c.send(_post(b"/v1/chat/completions?x=1", b'{"model":"m"}', b"X-Jano-Model: m\r\nAccept: */*\r\n"))
+    c.send(_post(b"/v1/chat/completions?x=1", b'{"model":"m"}', b"X-Jano-Model: m\r\naCCept: */*\r\n"))
     [req] = c.root.proxied
+    assert dict(req.requestHeaders.getAllRawHeaders())[b"aCCept"] == [b"*/*"]  # spelled as sent
     assert (req.method, req.uri, req.path, req.clientproto) == (
         b"POST", b"/v1/chat/completions?x=1", b"/v1/chat/completions", b"HTTP/1.1")
     assert req.body == b'{"model":"m"}'
     assert req.getHeader(b"x-jano-model") == b"m"
     assert req.requestHeaders.getRawHeaders(b"content-type") == [b"application/json"]
-    assert c.out() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    assert c.out() == b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"  # names as set
     assert not c.closed  # keep-alive
 
 
@@ -95,8 +96,8 @@ def test_a_response_without_length_is_chunked_and_ended() -> None:
     req.setResponseCode(201, b"Made")
     req.setHeader(b"content-type", b"text/event-stream")
     req.write(b"data: 1\n\n")
-    assert c.out() == (b"HTTP/1.1 201 Made\r\nContent-Type: text/event-stream\r\n"
-                       b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    assert c.out() == (b"HTTP/1.1 201 Made\r\ncontent-type: text/event-stream\r\n"
+                       b"transfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
     req.write(b"")  # nothing, not a terminator
     req.write(b"x" * 300)
     assert c.out() == b"12c\r\n" + b"x" * 300 + b"\r\n"
@@ -132,7 +133,7 @@ def test_http10_gets_no_chunking_and_the_connection_closes() -> None:
     req.write(b"body")
     req.finish()
     out = c.out()
-    assert out.startswith(b"HTTP/1.0 200 OK\r\n") and b"Connection: close" in out
+    assert out.startswith(b"HTTP/1.0 200 OK\r\n") and b"connection: close" in out
     assert b"chunked" not in out and out.endswith(b"\r\n\r\nbody")
     assert c.closed
 
@@ -140,7 +141,7 @@ def test_http10_gets_no_chunking_and_the_connection_closes() -> None:
 def test_connection_close_from_the_client_closes_after_the_answer() -> None:
     c = Conn()
     c.send(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-    assert b"Connection: close" in c.out() and c.closed
+    assert b"connection: close" in c.out() and c.closed
 
 
 @given(st.integers(min_value=1, max_value=60))
@@ -223,7 +224,7 @@ def test_expect_100_continue_is_answered_before_the_body() -> None:
 def test_head_answers_carry_headers_and_no_body() -> None:
     c = Conn()
     c.send(b"HEAD /x HTTP/1.1\r\nHost: h\r\n\r\n")
-    assert c.out() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    assert c.out() == b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
     assert not c.closed
 
 

@@ -316,7 +316,7 @@ def test_recent_gen_tok_s_ignores_router_timed_and_untimed_records() -> None:
     telemetry.request_finished(record(telemetry, usage=router_usage(500)))
     untimed = Usage(source="openai-usage", prompt_tokens=3, completion_tokens=40)
     telemetry.request_finished(record(telemetry, usage=untimed))
-    zero_time = replace(backend_usage(10, 1000.0), generation_ms=0.0)
+    zero_time = backend_usage(10, 1000.0)._replace(generation_ms=0.0)
     telemetry.request_finished(record(telemetry, usage=zero_time))
     status = telemetry.status()
     assert status["recentGenTokS"] is None
