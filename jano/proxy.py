@@ -175,7 +175,32 @@ class Forwarder:
         self.recorder = recorder
         self.upstream_timeout = upstream_timeout
         self.idle_write_timeout = idle_write_timeout
+        # Exchanges waiting for response headers, oldest first, with their
+        # deadlines; one timer for the oldest rather than one per request.
+        self._deadlines: dict["Exchange", float] = {}
+        self._deadline_call: Optional[IDelayedCall] = None
         self.strip_authorization = strip_authorization
+
+    def await_headers(self, exchange: "Exchange") -> None:
+        """Time ``exchange`` out (``_headers_timeout``) unless :meth:`got_headers` comes first."""
+        self._deadlines[exchange] = self.clock.seconds() + self.upstream_timeout
+        if self._deadline_call is None:
+            self._deadline_call = self.clock.callLater(self.upstream_timeout, self._expire)
+
+    def got_headers(self, exchange: "Exchange") -> None:
+        self._deadlines.pop(exchange, None)
+
+    def _expire(self) -> None:
+        self._deadline_call = None
+        now = self.clock.seconds()
+        due = [e for e, at in self._deadlines.items() if at <= now]
+        for exchange in due:
+            del self._deadlines[exchange]
+        if self._deadlines:  # a reload may have shortened the timeout: take the earliest
+            wake = min(self._deadlines.values())
+            self._deadline_call = self.clock.callLater(max(0.0, wake - now), self._expire)
+        for exchange in due:
+            exchange._headers_timeout()
 
     def refuse(self, request: Request, refusal: Refusal, arrived_at: float,
                model: Optional[str] = None, stream: bool = False,
@@ -220,7 +245,6 @@ class Exchange:
         self.ttfb: Optional[float] = None
         self.client_gone = False
         self._waiting: Optional[Deferred[object]] = None
-        self._timeout: Optional[IDelayedCall] = None
         self._timed_out = False
         self._tee: Optional[StreamTee] = None
         self._tail: Optional[TailBuffer] = None
@@ -292,20 +316,17 @@ class Exchange:
             b"POST", b"PUT", b"PATCH") else None
         d = self.fwd.agent.request(request.method, url, headers, producer)
         self._waiting = d  # type: ignore[assignment]
-        self._timeout = self.fwd.clock.callLater(self.fwd.upstream_timeout, self._headers_timeout)
+        self.fwd.await_headers(self)
         d.addCallbacks(self._response, self._upstream_failed)
 
     def _headers_timeout(self) -> None:
-        self._timeout = None
         self._timed_out = True
         if self._waiting is not None:
             self._waiting.cancel()
 
     def _response(self, response: IResponse) -> None:
         self._waiting = None
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
+        self.fwd.got_headers(self)
         self.phase = "streaming"
         now = self.fwd.clock.seconds()
         self.ttfb = now - self.arrived_at
@@ -328,9 +349,7 @@ class Exchange:
 
     def _upstream_failed(self, failure: Failure) -> None:
         self._waiting = None
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
+        self.fwd.got_headers(self)
         if self.client_gone:
             self._end("client_disconnected")
             return

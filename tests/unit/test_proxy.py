@@ -413,3 +413,34 @@ def test_the_dashboard_with_a_trailing_slash_is_sent_to_its_real_address() -> No
     assert resp.code == 308 and resp.headers.getRawHeaders("location") == ["../ui"]
     resp, body = w.call("GET", "/ui")
     assert resp.code == 200 and b'src="ui/app.js"' in body
+
+
+def test_each_request_waiting_for_headers_times_out_at_its_own_deadline() -> None:
+    pending: list[Deferred[IResponse]] = []
+
+    @implementer(IAgent)
+    class Silent:
+        def request(self, *a: Any, **k: Any) -> "Deferred[IResponse]":
+            d: Deferred[IResponse] = Deferred()
+            pending.append(d)
+            return d
+
+    w = World(agents={HOSTS["a"]: Silent(), HOSTS["b"]: Silent()}, always_on=True,
+              server=ServerConfig(upstream_timeout=30.0))
+    first: list[Any] = []
+    second: list[Any] = []
+    w.client.post("http://jano/v1/chat/completions", data=json.dumps(CHAT).encode()).addBoth(first.append)
+    w.client.flush()
+    w.clock.advance(10)
+    w.client.post("http://jano/v1/chat/completions", data=json.dumps(CHAT).encode()).addBoth(second.append)
+    w.client.flush()
+    w.clock.advance(20.1)
+    w.client.flush()
+    assert first and first[0].code == 504 and second == []
+    w.clock.advance(9.8)
+    w.client.flush()
+    assert second == []
+    w.clock.advance(0.2)
+    w.client.flush()
+    assert second and second[0].code == 504
+    assert all(d.called for d in pending)
