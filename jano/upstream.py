@@ -144,8 +144,9 @@ def parse_response_head(block: bytes, *, head_request: bool = False) -> Response
             or rest[3:4] not in (b"", b" ")):
         raise MalformedResponse(f"bad status line {status[:100]!r}")
     code = int(code_b)
-    pairs: list[tuple[bytes, bytes]] = []
-    add = pairs.append
+    headers = WireHeaders()
+    raw = headers._rawHeaders
+    spelled = headers._names
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
@@ -161,7 +162,8 @@ def parse_response_head(block: bytes, *, head_request: bool = False) -> Response
             if lower == b"content-length":
                 lengths.append(value)
                 if head_request:
-                    add((name, value))
+                    raw[lower] = [value]
+                    spelled[lower] = name
             elif lower == b"transfer-encoding":
                 codings.append(value)
             elif lower == b"connection":
@@ -169,8 +171,12 @@ def parse_response_head(block: bytes, *, head_request: bool = False) -> Response
             continue
         if not name or name.translate(None, _TCHAR):
             raise MalformedResponse(f"invalid response header name {name[:100]!r}")
-        add((name, value))
-    headers = WireHeaders.from_pairs(pairs)
+        values = raw.get(lower)
+        if values is None:
+            raw[lower] = [value]
+            spelled[lower] = name
+        else:
+            values.append(value)
 
     tokens = _NO_TOKENS
     if connection:

@@ -467,20 +467,11 @@ def _usage(
     gen_tok_s: Optional[float],
     prompt_tok_s: Optional[float],
 ) -> Optional[Usage]:
-    values = (prompt, cached, completion, prompt_ms, generation_ms, gen_tok_s, prompt_tok_s)
-    if all(v is None for v in values):
+    if (prompt is None and cached is None and completion is None and prompt_ms is None
+            and generation_ms is None and gen_tok_s is None and prompt_tok_s is None):
         return None
-    return Usage(
-        source=source,
-        prompt_tokens=prompt,
-        cached_tokens=cached,
-        completion_tokens=completion,
-        prompt_ms=prompt_ms,
-        generation_ms=generation_ms,
-        gen_tok_s=gen_tok_s,
-        prompt_tok_s=prompt_tok_s,
-        timed_by="backend" if gen_tok_s is not None else None,
-    )
+    return Usage(source, prompt, cached, completion, prompt_ms, generation_ms, gen_tok_s,
+                 prompt_tok_s, "backend" if gen_tok_s is not None else None)
 
 
 def _dict(value: Any) -> Mapping[str, Any]:
