@@ -36,14 +36,14 @@ import re
 from typing import NamedTuple, Optional, Protocol as TypingProtocol, Union, cast
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer, IDelayedCall, IProtocol, IPushProducer, IReactorTime, IStreamClientEndpoint,
     ITCPTransport, ITransport,
 )
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -928,6 +928,18 @@ class _Connection(Protocol):
 # --- the agent -----------------------------------------------------------------------
 
 
+class _QuietFactory(Factory):
+    """Builds the one given connection, without a log line per upstream connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: "_Connection") -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> "_Connection":
+        return self._protocol
+
+
 @implementer(IAgent)
 class UpstreamAgent:
     """
@@ -1056,7 +1068,7 @@ class UpstreamAgent:
             if len(self._endpoints) >= _MAX_CACHED_ORIGINS:
                 self._endpoints.clear()
             self._endpoints[key] = endpoint
-        return cast("Deferred[_Connection]", connectProtocol(endpoint, _Connection(self, key)))
+        return cast("Deferred[_Connection]", endpoint.connect(_QuietFactory(_Connection(self, key))))
 
     # The pool.
 
