@@ -223,8 +223,8 @@ class ProxyRequest:
         return values[-1] if values else None
 
     def getClientAddress(self) -> IAddress:
-        assert self.channel is not None and self.channel.conn is not None
-        return self.channel.conn.getPeer()
+        assert self.channel is not None
+        return self.channel.getPeer()
 
     def watch_lost(self, callback: Callable[[Failure], object]) -> None:
         """Call ``callback`` with the reason if the connection is lost before :meth:`finish`."""
@@ -346,6 +346,7 @@ class HTTP11Server(Protocol):
         transport = self.transport
         assert transport is not None
         self.conn = cast(_Conn, transport)
+        self._peer = transport.getPeer()  # a new address object per call otherwise
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)  # responses are written whole; stream chunks must not wait
         self.idle_since = self.factory.clock.seconds()
@@ -551,8 +552,7 @@ class HTTP11Server(Protocol):
         return self.factory.site
 
     def getPeer(self) -> IAddress:
-        assert self.transport is not None
-        return self.transport.getPeer()
+        return self._peer
 
     def getHost(self) -> IAddress:
         assert self.transport is not None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 from jano.records import ModelSpec
 
@@ -59,8 +59,7 @@ class Refusal:
     reason: str  # telemetry rejection reason
 
 
-@dataclass(frozen=True, slots=True)
-class Routed:
+class Routed(NamedTuple):
     """Where a request goes: ``admit`` is true when the scheduler must admit it."""
 
     spec: ModelSpec

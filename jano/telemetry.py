@@ -22,6 +22,8 @@ Conventions kept throughout:
 from __future__ import annotations
 
 import itertools
+import math
+from bisect import bisect_left
 from collections import deque
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -29,11 +31,14 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import (
+    CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
 from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.utils import floatToGoString
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -164,8 +169,51 @@ def wants_openmetrics(accept: Optional[str]) -> bool:
     return q_open > 0.0 and q_open >= _media_q(accept, "text/plain")
 
 
+class _Count:
+    """A counter the request path bumps with one addition (no lock, no label lookup)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _Buckets:
+    """
+    A histogram the request path fills with one ``bisect`` and two additions;
+    :meth:`Telemetry._collect` turns it into Prometheus' cumulative buckets.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out = []
+        total = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts):
+            total += n
+            out.append((floatToGoString(bound), float(total)))
+        return out
+
+
 class _ModelSeries:
-    """Label children of one ``model`` label value, looked up once."""
+    """
+    One model's per-request series.  Jano's reactor is single-threaded, so
+    these are plain numbers, exported at scrape time (prometheus_client's own
+    metric objects lock and look up on every update, a tenth of Jano's CPU per
+    request).
+    """
 
     __slots__ = (
         "codes",
@@ -179,16 +227,38 @@ class _ModelSeries:
         "without_usage",
     )
 
-    def __init__(self, telemetry: Telemetry, name: str) -> None:
-        self.codes: dict[Optional[int], Counter] = {}
-        self.duration: Histogram = telemetry._request_duration.labels(name)
-        self.ttfb: Histogram = telemetry._ttfb.labels(name)
-        self.queue_wait: Histogram = telemetry._queue_wait.labels(name)
-        self.prompt_tokens: Counter = telemetry._prompt_tokens.labels(name)
-        self.generation_tokens: Counter = telemetry._generation_tokens.labels(name)
-        self.timed_tokens: Counter = telemetry._timed_tokens.labels(name)
-        self.generation_seconds: Counter = telemetry._generation_seconds.labels(name)
-        self.without_usage: Counter = telemetry._without_usage.labels(name)
+    def __init__(self) -> None:
+        self.codes: dict[str, _Count] = {}
+        self.duration = _Buckets(DURATION_BUCKETS)
+        self.ttfb = _Buckets(TTFB_BUCKETS)
+        self.queue_wait = _Buckets(QUEUE_WAIT_BUCKETS)
+        self.prompt_tokens = _Count()
+        self.generation_tokens = _Count()
+        self.timed_tokens = _Count()
+        self.generation_seconds = _Count()
+        self.without_usage = _Count()
+
+
+#: (metric name, help, _ModelSeries attribute) of the per-model counters.
+_SERIES_COUNTERS = (
+    ("jano_prompt_tokens", "Prompt tokens as reported by backends.", "prompt_tokens"),
+    ("jano_generation_tokens", "Completion tokens as reported by backends, timed or not.",
+     "generation_tokens"),
+    ("jano_generation_timed_tokens",
+     "Completion tokens of responses whose generation time the backend reported; "
+     "pair with jano_generation_seconds_total for tokens per second.", "timed_tokens"),
+    ("jano_generation_seconds",
+     "Generation time reported by backends (never Jano's own timing).", "generation_seconds"),
+    ("jano_requests_without_usage",
+     "Completed requests whose response carried no usage Jano could read.", "without_usage"),
+)
+_SERIES_HISTOGRAMS = (
+    ("jano_request_duration_seconds", "Arrival to last byte (or to the end of the attempt).",
+     "duration"),
+    ("jano_time_to_first_byte_seconds", "Arrival to the first response byte sent to the client.",
+     "ttfb"),
+    ("jano_queue_wait_seconds", "Time spent queued in Jano, swaps included.", "queue_wait"),
+)
 
 
 class _ScrapeCollector:
@@ -260,33 +330,6 @@ class Telemetry:
 
         self._registry = CollectorRegistry()
         registry = self._registry
-        self._requests = Counter(
-            "jano_requests_total",
-            "Requests finished, by model and HTTP status sent (0: none was sent).",
-            ["model", "code"],
-            registry=registry,
-        )
-        self._request_duration = Histogram(
-            "jano_request_duration_seconds",
-            "Arrival to last byte (or to the end of the attempt).",
-            ["model"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self._ttfb = Histogram(
-            "jano_time_to_first_byte_seconds",
-            "Arrival to the first response byte sent to the client.",
-            ["model"],
-            buckets=TTFB_BUCKETS,
-            registry=registry,
-        )
-        self._queue_wait = Histogram(
-            "jano_queue_wait_seconds",
-            "Time spent queued in Jano, swaps included.",
-            ["model"],
-            buckets=QUEUE_WAIT_BUCKETS,
-            registry=registry,
-        )
         self._swaps = Counter(
             "jano_model_swaps_total",
             "Swap attempts that ended, by target model and result.",
@@ -298,37 +341,6 @@ class Telemetry:
             "Duration of swap attempts, by target model and result.",
             ["to_model", "result"],
             buckets=SWAP_BUCKETS,
-            registry=registry,
-        )
-        self._prompt_tokens = Counter(
-            "jano_prompt_tokens_total",
-            "Prompt tokens as reported by backends.",
-            ["model"],
-            registry=registry,
-        )
-        self._generation_tokens = Counter(
-            "jano_generation_tokens_total",
-            "Completion tokens as reported by backends, timed or not.",
-            ["model"],
-            registry=registry,
-        )
-        self._timed_tokens = Counter(
-            "jano_generation_timed_tokens_total",
-            "Completion tokens of responses whose generation time the backend reported; "
-            "pair with jano_generation_seconds_total for tokens per second.",
-            ["model"],
-            registry=registry,
-        )
-        self._generation_seconds = Counter(
-            "jano_generation_seconds_total",
-            "Generation time reported by backends (never Jano's own timing).",
-            ["model"],
-            registry=registry,
-        )
-        self._without_usage = Counter(
-            "jano_requests_without_usage_total",
-            "Completed requests whose response carried no usage Jano could read.",
-            ["model"],
             registry=registry,
         )
         self._disconnects = Counter(
@@ -381,7 +393,7 @@ class Telemetry:
     def _series_for(self, label: str) -> _ModelSeries:
         series = self._series.get(label)
         if series is None:
-            series = self._series[label] = _ModelSeries(self, label)
+            series = self._series[label] = _ModelSeries()
         return series
 
     def _disconnects_for(self, label: str) -> dict[str, Counter]:
@@ -412,11 +424,11 @@ class Telemetry:
         label = self._label(record.model)
         series = self._series_for(label)
 
-        code_child = series.codes.get(record.status)
-        if code_child is None:
-            code = "0" if record.status is None else str(record.status)
-            code_child = series.codes[record.status] = self._requests.labels(label, code)
-        code_child.inc()
+        code = "0" if record.status is None else str(record.status)
+        count = series.codes.get(code)
+        if count is None:
+            count = series.codes[code] = _Count()
+        count.value += 1
         self._requests_total += 1
         if record.outcome == "completed":
             self._served_total += 1
@@ -642,6 +654,7 @@ class Telemetry:
             self.log.failure("Scheduler snapshot failed during a scrape")
         else:
             yield from self._snapshot_families(snap, now)
+        yield from self._series_families()
         try:
             health = self._health()
         except Exception:
@@ -656,6 +669,27 @@ class Telemetry:
             for spec in self._models:
                 up.add_metric([spec.name], 1.0 if health.get(spec.name) == "up" else 0.0)
             yield up
+
+    def _series_families(self) -> Iterable[Metric]:
+        series = self._series
+        requests = CounterMetricFamily(
+            "jano_requests", "Requests finished, by model and HTTP status sent (0: none was sent).",
+            labels=["model", "code"])
+        for label, one in series.items():
+            for code, count in one.codes.items():
+                requests.add_metric([label, code], count.value)
+        yield requests
+        for name, text, attr in _SERIES_COUNTERS:
+            family = CounterMetricFamily(name, text, labels=["model"])
+            for label, one in series.items():
+                family.add_metric([label], getattr(one, attr).value)
+            yield family
+        for name, text, attr in _SERIES_HISTOGRAMS:
+            hist = HistogramMetricFamily(name, text, labels=["model"])
+            for label, one in series.items():
+                buckets: _Buckets = getattr(one, attr)
+                hist.add_metric([label], buckets.cumulative(), sum_value=buckets.sum)
+            yield hist
 
     def _snapshot_families(self, snap: SchedulerSnapshot, now: float) -> Iterable[Metric]:
         depth: dict[str, float] = {name: 0.0 for name in self._configured_names()}

@@ -97,6 +97,10 @@ _MAX_CACHED_ORIGINS = 1024
 _MIN_SWEEP_DELAY = 0.01
 
 
+#: The end of every complete body, made once (as ``twisted.internet.protocol.connectionDone`` is).
+_RESPONSE_DONE = Failure(ResponseDone())
+
+
 class MalformedResponse(ValueError):
     """The upstream's bytes are not an HTTP/1.1 response we can frame."""
 
@@ -789,7 +793,7 @@ class _Connection(Protocol):
         if framing is None:
             self._state = _IDLE
             stream.detach()
-            stream.finish(Failure(ResponseDone()))
+            stream.finish(_RESPONSE_DONE)
             self._release(head.keep_alive and not rest)
             request.deferred.callback(response)
             return
@@ -841,7 +845,7 @@ class _Connection(Protocol):
         self._state = _IDLE
         stream.detach()
         self._release(self._keep_alive and not extra)
-        stream.finish(Failure(ResponseDone()))
+        stream.finish(_RESPONSE_DONE)
 
     def _body_failed(self, error: Exception) -> None:
         stream, self._stream = self._stream, None

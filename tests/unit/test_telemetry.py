@@ -851,3 +851,13 @@ def test_health_follows_residency_between_probes() -> None:
     monitor.observed("small", "up")
     assert monitor.states()["small"] == "up"
     monitor.stopService()
+
+
+def test_request_histograms_count_a_value_on_a_bound_in_that_bucket() -> None:
+    from jano.telemetry import _Buckets
+
+    b = _Buckets((0.1, 1.0))
+    for v in (0.1, 0.5, 1.0, 7.0, 0.0):
+        b.observe(v)
+    assert b.cumulative() == [("0.1", 2.0), ("1.0", 4.0), ("+Inf", 5.0)]  # le: less or equal
+    assert b.sum == pytest.approx(8.6)
