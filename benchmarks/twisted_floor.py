@@ -39,7 +39,7 @@ def serve(port: int, upstream_port: int) -> None:
 
         def connectionMade(self) -> None:
             self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
-            self.down.connected(self)
+            self.down.upstream_ready(self)
 
         def dataReceived(self, data: bytes) -> None:
             send_now(self.down.transport, data)
@@ -56,7 +56,7 @@ def serve(port: int, upstream_port: int) -> None:
             self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
             protocol.ClientCreator(reactor, Up, self).connectTCP("127.0.0.1", upstream_port)
 
-        def connected(self, up: Up) -> None:
+        def upstream_ready(self, up: Up) -> None:
             self.up = up
             for data in self.held:
                 send_now(up.transport, data)
