@@ -118,7 +118,7 @@ def copy_response_headers(response: IResponse, request: Request) -> None:
                 out.setRawHeaders(name, values)
     length = response.length
     if isinstance(length, int):
-        out.setRawHeaders(b"content-length", [b"%d" % length])
+        out.setRawHeaders(b"Content-Length", [b"%d" % length])
 
 
 class Admission(TypingProtocol):

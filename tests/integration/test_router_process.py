@@ -236,3 +236,65 @@ def test_plugin_is_found_after_a_real_install(tmp_path: Path) -> None:
     help_ = subprocess.run([*twistd_argv(), "jano", "--help"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
     assert "--listen" in help_.stdout and "--demo" in help_.stdout
+
+
+def _read_responses(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
+    """Read ``count`` responses (Content-Length or chunked) off a socket."""
+    buf = b""
+
+    def need(n: int) -> None:
+        nonlocal buf
+        while len(buf) < n:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed early"
+            buf += chunk
+
+    def line() -> bytes:
+        nonlocal buf
+        while b"\r\n" not in buf:
+            need(len(buf) + 1)
+        got, _, buf = buf.partition(b"\r\n")
+        return got
+
+    out: list[tuple[bytes, bytes]] = []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buf:
+            need(len(buf) + 1)
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        fields = {k.strip().lower(): v.strip() for k, _, v in
+                  (f.partition(b":") for f in head.split(b"\r\n")[1:])}
+        if fields.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while size := int(line().split(b";")[0], 16):
+                need(size + 2)
+                body, buf = body + buf[:size], buf[size + 2:]
+            assert line() == b""
+        else:
+            length = int(fields[b"content-length"])
+            need(length)
+            body, buf = buf[:length], buf[length:]
+        out.append((head, body))
+    return out
+
+
+def test_pipelined_requests_own_routes_and_100_continue_on_one_connection(
+        stack: tuple[Proc, Proc]) -> None:
+    _, jano = stack
+    host, port = jano.url.split("//")[1].split(":")
+    body = json.dumps({"model": "fake-model", "messages": [], "max_tokens": 3}).encode()
+    post = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        # Three requests in one write: a completion, Jano's own /health, a completion.
+        sock.sendall(post + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + post)
+        answers = _read_responses(sock, 3)
+        assert [h.split(b"\r\n", 1)[0] for h, _ in answers] == [b"HTTP/1.1 200 OK"] * 3
+        assert json.loads(answers[1][1])["status"] == "ok"
+        assert [json.loads(b)["usage"]["completion_tokens"] for _, b in (answers[0], answers[2])] == [3, 3]
+        # curl's way with a large body: the head first, the body after "100 Continue".
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        [(head, answer)] = _read_responses(sock, 1)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(answer)["usage"]["completion_tokens"] == 3
