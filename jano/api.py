@@ -202,7 +202,7 @@ class JanoResource(Resource):
             fwd.refuse(request, Refusal(401, "missing or wrong API key", "authentication_error",
                                         "unauthorized"), arrived)
             return NOT_DONE_YET
-        if b".." in path.split(b"/") or b"\x00" in path or b"%00" in request.uri:
+        if (b".." in path and b".." in path.split(b"/")) or b"\x00" in path or b"%00" in request.uri:
             fwd.refuse(request, Refusal(400, "invalid path", "invalid_request_error",
                                         "bad_request"), arrived)
             return NOT_DONE_YET

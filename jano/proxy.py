@@ -105,14 +105,16 @@ def copy_response_headers(response: IResponse, request: Request) -> None:
     """
     request.setResponseCode(response.code, response.phrase)
     out = request.responseHeaders
-    out.removeHeader(b"server")
-    out.removeHeader(b"date")
     request.defaultContentType = None
-    drop = HOP_BY_HOP | _connection_tokens(response.headers) | getattr(
-        response, "connection_tokens", frozenset())
-    if isinstance(out, WireHeaders):
+    nominated = getattr(response, "connection_tokens", None)  # jano.upstream reports them
+    if nominated is None:
+        nominated = _connection_tokens(response.headers)
+    drop = HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
+    if isinstance(out, WireHeaders):  # jano.h1: starts empty, nothing of Twisted's to remove
         out.copy_from(response.headers, drop)
     else:
+        out.removeHeader(b"server")
+        out.removeHeader(b"date")
         for name, values in response.headers.getAllRawHeaders():
             if name.lower() not in drop:
                 out.setRawHeaders(name, values)

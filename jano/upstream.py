@@ -382,6 +382,22 @@ def _request_bytes(method: bytes, target: bytes, host: bytes, headers: Optional[
     Transfer-Encoding is dropped: the agent frames the body it sends.
     """
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if type(headers) is WireHeaders:  # Jano's own: lower-cased keys, clean values
+        raw = headers._rawHeaders
+        if b"host" not in raw:
+            parts += (b"Host: ", host, b"\r\n")
+        names = headers._names
+        for key, field_values in raw.items():
+            if key in _REQUEST_FRAMING:
+                continue
+            spelled = names[key]
+            for one in field_values:
+                parts += (spelled, b": ", one, b"\r\n")
+        if body is None:
+            parts.append(b"\r\n")
+        else:
+            parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n\r\n", body)
+        return b"".join(parts)
     if headers is None or not headers.hasHeader(b"host"):
         parts += (b"Host: ", host, b"\r\n")
     if headers is not None:

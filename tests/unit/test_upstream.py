@@ -222,6 +222,21 @@ def test_callers_host_wins_and_callers_framing_headers_are_dropped() -> None:
         b"Content-Length: 3\r\n\r\nabc")
 
 
+def test_jano_wire_headers_go_out_as_spelled_with_the_agents_framing() -> None:
+    from jano.headers import WireHeaders
+
+    agent, reactor = agent_and_reactor()
+    headers = WireHeaders.from_pairs([(b"content-type", b"application/json"), (b"X-Many", b"a"),
+                                      (b"x-many", b"b"), (b"CONTENT-LENGTH", b"99")])
+    agent.request(b"POST", URL, headers, BytesBody(b'{"x":1}'))
+    assert Upstream(reactor).sent() == (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+        b"content-type: application/json\r\nX-Many: a\r\nX-Many: b\r\n"
+        b"Content-Length: 7\r\n\r\n{\"x\":1}")
+    agent.request(b"GET", b"http://127.0.0.1:8081/", WireHeaders.from_pairs([(b"hOST", b"m.local")]))
+    assert Upstream(reactor).sent() == b"GET / HTTP/1.1\r\nhOST: m.local\r\n\r\n"
+
+
 def test_a_generic_body_producer_is_collected_and_sent_with_a_length() -> None:
     agent, reactor = agent_and_reactor()
     agent.request(b"POST", URL, None, PiecewiseProducer(b"ab", b"cd"))
