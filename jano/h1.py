@@ -16,8 +16,9 @@ resource tree see nothing unusual.
 
 What it does, in HTTP/1.1 terms:
 
-- keep-alive (HTTP/1.1 default; HTTP/1.0 connections close after one
-  response), pipelined requests answered in order, one at a time;
+- keep-alive (HTTP/1.1 by default; HTTP/1.0 when the client asks with
+  ``Connection: keep-alive`` and the answer has a length), pipelined
+  requests answered in order, one at a time;
 - request bodies by ``Content-Length`` or ``Transfer-Encoding: chunked``,
   held in memory and bounded by the site's ``max_body_bytes`` (413 before
   reading an announced oversized body), ``Expect: 100-continue`` answered;
@@ -261,6 +262,8 @@ class ProxyRequest:
                 channel.persistent = False
         if not channel.persistent:
             headers.setRawHeaders(b"connection", [b"close"])
+        elif self.clientproto == b"HTTP/1.0":
+            headers.setRawHeaders(b"connection", [b"keep-alive"])
         phrase = self.code_message or RESPONSES.get(code, b"Unknown")
         out = [b"%s %d %s\r\n" % (self.clientproto, code, phrase)]
         for name, values in headers.getAllRawHeaders():
@@ -461,6 +464,8 @@ class HTTP11Server(Protocol):
                 tokens = value.lower()
                 if b"close" in tokens:
                     self.persistent = False
+                elif b"keep-alive" in tokens and version == b"HTTP/1.0":
+                    self.persistent = True  # HTTP/1.0 keep-alive (ab -k), if the answer has a length
             elif name == b"expect" and value.lower() == b"100-continue":
                 expect = True
         self._head = head
@@ -570,6 +575,8 @@ class HTTP11Server(Protocol):
             self.persistent = False
         if not self.persistent:
             headers.setRawHeaders(b"connection", [b"close"])
+        elif version == b"HTTP/1.0":
+            headers.setRawHeaders(b"connection", [b"keep-alive"])
         out = [b"%s %s %s\r\n" % (version, code, reason)]
         for name, values in headers.getAllRawHeaders():
             for value in values:

@@ -322,3 +322,21 @@ def test_producers_are_registered_on_the_client_connection() -> None:
     assert c.transport.producer is p and c.transport.streaming
     req.unregisterProducer()
     assert c.transport.producer is None
+
+
+def test_http10_keep_alive_is_honoured_when_the_answer_has_a_length() -> None:
+    c = Conn()
+    c.send(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    out = c.out()
+    assert out.startswith(b"HTTP/1.0 200 OK\r\n") and b"connection: keep-alive" in out
+    assert out.endswith(b"\r\n\r\nhello") and not c.closed
+    c.send(b"GET /own HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")  # twisted.web renders this one
+    out = c.out()
+    assert b"own:" in out and b"Connection: keep-alive" in out and not c.closed
+    c.root.auto = None
+    c.send(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    req = c.root.proxied[-1]
+    req.write(b"no length")
+    req.finish()
+    out = c.out()
+    assert b"connection: close" in out and out.endswith(b"no length") and c.closed
