@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from jano.headers import WireHeaders
 from jano.routing import error_body
+from jano.upstream import ChunkedDecoder
 from jano.writethrough import send_now
 
 if TYPE_CHECKING:
@@ -74,8 +75,6 @@ MAX_HEADERS = 128
 #: Bytes of pipelined input held while a request is being answered, beyond
 #: which the connection stops being read until the answer is done.
 MAX_HELD_BYTES = 64 * 1024
-#: Bytes allowed for one chunk-size line or trailer line of a chunked body.
-MAX_CHUNK_LINE = 4096
 
 _NO_BODY_CODES = frozenset({204, 304})
 #: RFC 9110 token characters, the only ones allowed in a header name.
@@ -129,61 +128,6 @@ def parse_head(block: bytes) -> tuple[bytes, bytes, bytes, list[tuple[bytes, byt
             raise BadRequest(400, "malformed header line")
         pairs.append((name, value.strip(b" \t")))
     return method, target, version, pairs
-
-
-class _Chunked:
-    """Decodes a chunked request body held in a ``bytearray``; bounded."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-        self._left = -1  # -1: reading a size line; >= 0: bytes of chunk data left; -2: trailers
-        self.done = False
-
-    def feed(self, buf: bytearray) -> None:
-        """Consume what it can from the front of ``buf``; raises :class:`BadRequest`."""
-        pos = 0
-        end = len(buf)
-        while pos < end and not self.done:
-            if self._left >= 0:
-                need = self._left + 2
-                if end - pos < need:
-                    break
-                if buf[pos + self._left:pos + need] != b"\r\n":
-                    raise BadRequest(400, "malformed chunked body")
-                self.parts.append(bytes(buf[pos:pos + self._left]))
-                pos += need
-                self._left = -1
-                continue
-            nl = buf.find(b"\n", pos)
-            if nl < 0:
-                if end - pos > MAX_CHUNK_LINE:
-                    raise BadRequest(400, "chunk line too long")
-                break
-            line = bytes(buf[pos:nl]).rstrip(b"\r")
-            pos = nl + 1
-            if self._left == -2:  # trailers, discarded; a blank line ends the body
-                if not line:
-                    self.done = True
-                continue
-            try:
-                size = int(line.split(b";", 1)[0].strip(b" \t"), 16)
-            except ValueError:
-                raise BadRequest(400, "malformed chunk size") from None
-            if size < 0:
-                raise BadRequest(400, "malformed chunk size")
-            if size == 0:
-                self._left = -2
-                continue
-            self.size += size
-            if self.size > self.limit:
-                raise BadRequest(413, f"request body larger than {self.limit} bytes")
-            self._left = size
-        del buf[:pos]
-
-    def body(self) -> bytes:
-        return b"".join(self.parts)
 
 
 class ProxyRequest:
@@ -334,7 +278,9 @@ class HTTP11Server(Protocol):
         self._buf = bytearray()
         self._head: Optional[tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]]]] = None
         self._need = 0  # body bytes expected (Content-Length)
-        self._chunked: Optional[_Chunked] = None
+        self._chunked: Optional[ChunkedDecoder] = None  # a chunked request body being read
+        self._chunk_parts: list[bytes] = []
+        self._chunk_size = 0
         self._current: Optional[Any] = None  # the request being answered
         self._parsing = False
         self._paused = False
@@ -425,12 +371,22 @@ class HTTP11Server(Protocol):
             head = parse_head(bytes(buf[:end]))
             del buf[:end + skip]
             self._start_body(head)
-        if self._chunked is not None:
-            self._chunked.feed(buf)
-            if not self._chunked.done:
+        decoder = self._chunked
+        if decoder is not None:
+            piece = decoder.feed(bytes(buf))
+            buf.clear()
+            if decoder.error is not None:
+                raise BadRequest(400, f"malformed chunked body: {decoder.error}")
+            self._chunk_size += len(piece)
+            if self._chunk_size > self.factory.max_body_bytes:
+                raise BadRequest(413, f"request body larger than {self.factory.max_body_bytes} bytes")
+            self._chunk_parts.append(piece)
+            if not decoder.done:
                 return False
-            body = self._chunked.body()
+            buf += decoder.rest
+            body = b"".join(self._chunk_parts)
             self._chunked = None
+            self._chunk_parts = []
         else:
             if len(buf) < self._need:
                 return False
@@ -472,7 +428,9 @@ class HTTP11Server(Protocol):
         if chunked:
             if length is not None:
                 self.persistent = False  # both framings: answer, then close (RFC 9112 6.1)
-            self._chunked = _Chunked(limit)
+            self._chunked = ChunkedDecoder()
+            self._chunk_parts = []
+            self._chunk_size = 0
             self._need = 0
         elif length is not None:
             if not length.isdigit():

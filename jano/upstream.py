@@ -240,7 +240,7 @@ class ChunkedDecoder:
     Bad framing sets :attr:`error`; the payload before it is still returned.
     """
 
-    __slots__ = ("_state", "_left", "_line", "_trailer_bytes", "done", "extra", "error")
+    __slots__ = ("_state", "_left", "_line", "_trailer_bytes", "done", "extra", "rest", "error")
 
     def __init__(self) -> None:
         self._state = _SIZE_LINE
@@ -249,6 +249,9 @@ class ChunkedDecoder:
         self._trailer_bytes = 0
         self.done = False
         self.extra = False
+        #: The bytes that followed the body in the piece that ended it (a
+        #: pipelined request, for a server).
+        self.rest = b""
         self.error: Optional[MalformedResponse] = None
 
     def feed(self, data: bytes) -> bytes:
@@ -331,6 +334,7 @@ class ChunkedDecoder:
                         state = _DONE
                         self.done = True
                         self.extra = pos < end
+                        self.rest = data[pos:]
                         break
                     self._trailer_bytes += len(line) + 1
                     if self._trailer_bytes > MAX_TRAILER_BYTES:

@@ -340,3 +340,10 @@ def test_http10_keep_alive_is_honoured_when_the_answer_has_a_length() -> None:
     req.finish()
     out = c.out()
     assert b"connection: close" in out and out.endswith(b"no length") and c.closed
+
+
+def test_a_request_pipelined_after_a_chunked_body_is_not_lost() -> None:
+    c = Conn()
+    c.send(b"POST /v1/completions HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"2\r\n{}\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert [(r.path, r.body) for r in c.root.proxied] == [(b"/v1/completions", b"{}"), (b"/next", b"")]
