@@ -347,3 +347,42 @@ def test_a_request_pipelined_after_a_chunked_body_is_not_lost() -> None:
     c.send(b"POST /v1/completions HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
            b"2\r\n{}\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n")
     assert [(r.path, r.body) for r in c.root.proxied] == [(b"/v1/completions", b"{}"), (b"/next", b"")]
+
+
+def test_the_client_address_is_the_connections_peer() -> None:
+    c = Conn()
+    c.send(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert c.root.proxied[0].getClientAddress() == c.transport.getPeer()
+
+
+def test_upstream_headers_reach_the_client_as_spelled_minus_hop_by_hop_and_with_the_length() -> None:
+    from twisted.web.iweb import UNKNOWN_LENGTH
+
+    from jano.headers import WireHeaders
+    from jano.proxy import copy_response_headers
+
+    class Upstream:
+        code = 200
+        phrase = b"OK"
+        headers = WireHeaders.from_pairs([(b"X-Trace", b"1"), (b"x-private-hop", b"secret"),
+                                          (b"Keep-Alive", b"timeout=5"), (b"content-type", b"a/b")])
+        connection_tokens = frozenset({b"x-private-hop"})  # "Connection: x-private-hop"
+        length: object = 5
+
+    c = Conn()
+    c.root.auto = None
+    c.send(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    req = c.root.proxied[0]
+    copy_response_headers(Upstream(), req)  # type: ignore[arg-type]
+    req.write(b"hello")
+    req.finish()
+    assert c.out() == (b"HTTP/1.1 200 OK\r\nX-Trace: 1\r\ncontent-type: a/b\r\n"
+                       b"Content-Length: 5\r\n\r\nhello")
+    Upstream.length = UNKNOWN_LENGTH  # no length upstream: the client gets it chunked
+    c.send(b"GET /y HTTP/1.1\r\nHost: h\r\n\r\n")
+    req = c.root.proxied[1]
+    copy_response_headers(Upstream(), req)  # type: ignore[arg-type]
+    req.write(b"hello")
+    req.finish()
+    out = c.out()
+    assert b"Content-Length" not in out and b"transfer-encoding: chunked" in out
