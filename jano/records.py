@@ -158,3 +158,23 @@ class SchedulerSnapshot:
     models: tuple[ModelState, ...]
     groups: tuple[GroupState, ...]
     draining: bool = False
+
+
+# --- timestamps: the one place clock seconds become wire formats -------------------------
+
+
+def iso(t: Optional[float]) -> Optional[str]:
+    """Clock seconds as ISO 8601 UTC with milliseconds and a ``Z``, or ``None``."""
+    if t is None:
+        return None
+    from datetime import datetime, timezone
+
+    stamp = datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def ms(seconds: Optional[float]) -> Optional[float]:
+    """Seconds to milliseconds, rounded to the microsecond, or ``None``."""
+    if seconds is None:
+        return None
+    return round(seconds * 1000.0, 3)

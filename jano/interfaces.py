@@ -1,0 +1,67 @@
+"""
+The seams between stages, as ``typing.Protocol``\\ s.
+
+Each stage depends on these shapes, never on the class behind them, so a test
+(or an embedding application) can hand any stage a fake of the next one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Protocol
+
+from twisted.internet.defer import Deferred
+
+from jano.records import ModelSpec, SchedulerSnapshot, SwapEvent, UsageRecord
+
+if TYPE_CHECKING:
+    from jano.scheduler import Ticket
+
+__all__ = ["Admission", "UsageSink", "Swapper", "Probe"]
+
+
+class Admission(Protocol):
+    """The scheduler seam: admit a request for a model, release it when done."""
+
+    def admit(self, model: str) -> "Deferred[Ticket]": ...
+
+    def release(self, ticket: "Ticket") -> None: ...
+
+    def snapshot(self) -> SchedulerSnapshot: ...
+
+
+class UsageSink(Protocol):
+    """Where the forward stage reports each request's end (telemetry's recorder)."""
+
+    def next_request_id(self) -> int: ...
+
+    def request_finished(self, record: UsageRecord) -> None: ...
+
+    def queue_rejected(self, reason: str) -> None: ...
+
+    def client_disconnected(self, model: Optional[str], phase: str) -> None: ...
+
+
+class Swapper(Protocol):
+    """
+    Moves a group's slot from ``previous`` (``None``: unknown) to ``target``.
+
+    The Deferred fires once the target answers; it fails with an exception that
+    may carry ``result`` (``"failed"``, ``"timeout"``, ``"not_ready"``) and
+    ``cause`` (one line).  Anything else counts as ``"failed"`` with
+    ``str(exc)`` as cause.
+    """
+
+    def swap(self, group: str, previous: Optional[ModelSpec],
+             target: ModelSpec) -> Deferred[None]: ...
+
+
+class Probe(Protocol):
+    """A health check: GET ``url``, fire with the status code (or fail)."""
+
+    def __call__(self, url: str) -> Deferred[int]: ...
+
+
+class SwapListener(Protocol):
+    """Told about every finished swap (telemetry, logs, health)."""
+
+    def __call__(self, event: SwapEvent) -> None: ...
