@@ -317,7 +317,7 @@ def make_api(jano: Jano) -> Klein:
         return _json(request, 200, {"models": [
             {"name": m.name, "model": m.name, "modified_at": when} for m in jano.models]})
 
-    from jano import ui
+    from jano.web import dashboard as ui
 
     ui.install(app, jano, guard)
 

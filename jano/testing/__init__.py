@@ -11,7 +11,7 @@ Public test helpers: Jano's tests use them, and so can yours.
 """
 
 from jano.testing._process import ANY, FakeProcess, FakeProcessReactor
-from jano.testing._server import FakeModelServer, SeenRequest, SimulatedSwapper
+from jano.demo import FakeModelServer, SeenRequest, SimulatedSwapper
 
 __all__ = ["ANY", "FakeModelServer", "FakeProcess", "FakeProcessReactor", "SeenRequest",
            "SimulatedSwapper"]

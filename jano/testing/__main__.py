@@ -23,7 +23,7 @@ from twisted.internet.error import CannotListenError
 from twisted.web.http import Request
 from twisted.web.server import Site
 
-from jano.testing._server import MAX_DELAY, FakeModelServer
+from jano.demo import MAX_DELAY, FakeModelServer
 
 
 class _QuietSite(Site):

@@ -24,7 +24,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Site
 
 from jano.records import ModelSpec
-from jano.testing._server import OLLAMA_LOAD_NS, FakeModelServer, SeenRequest, SimulatedSwapper
+from jano.demo import OLLAMA_LOAD_NS, FakeModelServer, SeenRequest, SimulatedSwapper
 
 BASE = "http://fake.invalid"
 MESSAGES = [{"role": "system", "content": "be brief"},
