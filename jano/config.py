@@ -35,6 +35,12 @@ class ServerConfig:
     idle_write_timeout: float = 300.0
     #: Seconds ``SIGTERM`` waits for in-flight streams before closing them.
     shutdown_grace: float = 30.0
+    #: Open client connections at most; more are closed unread.
+    max_connections: int = 2048
+    #: Open connections from one client address at most.
+    max_connections_per_client: int = 1024
+    #: Seconds a client connection may idle between requests (or trickle a head in).
+    idle_timeout: float = 60.0
     #: Bearer token for the proxy routes (``None``: open).
     api_key: Optional[str] = field(default=None, repr=False)
     #: Bearer token for the telemetry routes (``None``: open).
@@ -168,7 +174,8 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
     srv = _table(doc, "server")
     _check_keys(srv, ("listen", "upstream_timeout", "max_body_bytes", "idle_write_timeout",
                       "shutdown_grace", "api_key", "api_key_file", "telemetry_key",
-                      "telemetry_key_file"), "server")
+                      "telemetry_key_file", "max_connections", "max_connections_per_client",
+                      "idle_timeout"), "server")
     server = ServerConfig(
         listen=_get(srv, "listen", "server", str, DEFAULT_LISTEN),
         upstream_timeout=_get(srv, "upstream_timeout", "server", float, 600.0, _positive),
@@ -177,6 +184,11 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         idle_write_timeout=_get(srv, "idle_write_timeout", "server", float, 300.0, _positive),
         shutdown_grace=_get(srv, "shutdown_grace", "server", float, 30.0,
                             lambda v: None if v >= 0 else "expected 0 or more"),
+        max_connections=_get(srv, "max_connections", "server", int, 2048,
+                             lambda v: None if v >= 1 else "expected at least 1"),
+        max_connections_per_client=_get(srv, "max_connections_per_client", "server", int, 1024,
+                                        lambda v: None if v >= 1 else "expected at least 1"),
+        idle_timeout=_get(srv, "idle_timeout", "server", float, 60.0, _positive),
         api_key=_read_key(srv, "api_key", "server", base),
         telemetry_key=_read_key(srv, "telemetry_key", "server", base),
     )

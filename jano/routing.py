@@ -1,15 +1,17 @@
 """
-Which model a request is for, and errors in the shape each API's clients
-parse.  Pure: bytes in, decisions out.
+Stage 2, which model a request is for.  Pure: bytes in, decisions out.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Optional
 
+from jano.errors import Refusal, error_body, is_ollama_path
 from jano.records import ModelSpec
+
+__all__ = ["INFERENCE_PATHS", "MODEL_HEADER", "Refusal", "Routed", "error_body",
+           "is_inference", "is_ollama_path", "lookup", "parse_model", "route"]
 
 #: POST routes that run a model: they need a JSON object body and go through
 #: the scheduler (and so may cause a swap).
@@ -29,34 +31,6 @@ MODEL_HEADER = b"x-jano-model"
 
 def is_inference(method: bytes, path: bytes) -> bool:
     return method == b"POST" and path in INFERENCE_PATHS
-
-
-def is_ollama_path(path: bytes) -> bool:
-    return path.startswith(b"/api/")
-
-
-def error_body(path: bytes, status: int, message: str, kind: str,
-               code: Optional[str] = None) -> bytes:
-    """
-    An error in the shape the caller's client library parses: Ollama's
-    ``{"error": "..."}`` under ``/api/``, OpenAI's
-    ``{"error": {"message", "type", "code"}}`` everywhere else (llama-server
-    uses the OpenAI shape on its native routes too).
-    """
-    if is_ollama_path(path):
-        return json.dumps({"error": message}).encode()
-    return json.dumps({"error": {"message": message, "type": kind,
-                                 "code": code if code is not None else status}}).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A request Jano answers itself, with why."""
-
-    status: int
-    message: str
-    kind: str  # OpenAI error type
-    reason: str  # telemetry rejection reason
 
 
 class Routed(NamedTuple):

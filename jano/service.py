@@ -18,103 +18,25 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool, URI, _HTTP11ClientFactory
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
 from jano import __version__
-from jano.api import Jano, JanoResource, JanoSite
 from jano.config import Config, ConfigError, load_config
-from jano.h1 import JanoHTTPFactory
-from jano.proxy import Forwarder
-from jano.records import ModelSpec
+from jano.errors import SwapCommandError
+from jano.forward import Forwarder
+from jano.forward.agent import make_agent, make_pool
+from jano.records import ModelSpec, SwapEvent
 from jano.scheduler import Scheduler
-from jano.swap import ScriptSwapper, SwapCommandError, check_swap_command, http_probe
-from jano.telemetry import HealthMonitor, Telemetry
-from jano.upstream import UpstreamAgent
+from jano.swap import ScriptSwapper, check_swap_command, http_probe
+from jano.swap.health import HealthMonitor
+from jano.telemetry import Telemetry
+from jano.web.app import JanoApp
+from jano.web.site import JanoSite
 
 #: Probes and readiness checks get their own short timeout.
 PROBE_TIMEOUT = 5.0
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" log line per upstream connection
-
-
-class QuietPool(HTTPConnectionPool):
-    """A connection pool that does not log every connection it opens."""
-
-    _factory = _QuietFactory
-
-
-@implementer(IAgentEndpointFactory)
-class CachedEndpoints:
-    """
-    One client endpoint per upstream, reused.
-
-    ``Agent``'s default factory builds a new ``HostnameEndpoint`` (with an IDNA
-    encoding of the host) for every request, even when the pool then hands
-    back an idle connection.  Upstreams come from the config, so this cache is
-    bounded by the number of configured models.
-    """
-
-    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._cache.get(key)
-        if endpoint is None:
-            host = uri.host.decode("idna")
-            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
-            if uri.scheme == b"https":
-                from twisted.internet.ssl import optionsForClientTLS
-
-                endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-            self._cache[key] = endpoint
-        return endpoint
-
-
-@implementer(IAgent)
-class ForwardingAgent:
-    """
-    The agent model traffic is forwarded with: ``http://`` upstreams through
-    :class:`jano.upstream.UpstreamAgent` (lean, pooled), ``https://`` ones
-    through Twisted's ``Agent`` with a persistent pool, which brings TLS.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        # idle_timeout stays below llama-server's and Node's 5 s keep-alive, so a
-        # pooled connection is rarely reused just as the backend closes it.
-        self.plain = UpstreamAgent(reactor, max_idle_per_host=64, idle_timeout=3.0)
-        self._tls: Optional[Agent] = None
-        self._tls_pool: Optional[HTTPConnectionPool] = None
-
-    def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None,
-                bodyProducer: Optional[IBodyProducer] = None) -> Deferred[IResponse]:
-        if uri[:8].lower() == b"https://":
-            if self._tls is None:
-                pool = self._tls_pool = QuietPool(self._reactor, persistent=True)
-                pool.cachedConnectionTimeout = 3
-                pool.maxPersistentPerHost = 64
-                self._tls = Agent.usingEndpointFactory(self._reactor,
-                                                       CachedEndpoints(self._reactor), pool=pool)
-            return self._tls.request(method, uri, headers, bodyProducer)
-        return self.plain.request(method, uri, headers, bodyProducer)
-
-    def close_idle(self) -> Deferred[Any]:
-        closing: list[Deferred[Any]] = [self.plain.close_idle()]
-        if self._tls_pool is not None:
-            closing.append(self._tls_pool.closeCachedConnections())
-        return DeferredList(closing, consumeErrors=True)
 
 
 def _reactor(reactor: Any) -> Any:
@@ -134,6 +56,8 @@ class JanoService(MultiService):
         tests use a simulated one).
     :param agent: replaces the upstream HTTP agent (tests pass a
         ``treq.testing.RequestTraversalAgent``).
+    :param listen: listen on ``config.server.listen`` (``False`` when
+        embedded with :func:`make_resource`).
     """
 
     log = Logger()
@@ -147,15 +71,16 @@ class JanoService(MultiService):
         self.reactor = reactor
         self.config = config
         self._pools: list[HTTPConnectionPool] = []
-        self._upstream: Optional[ForwardingAgent] = None
         if agent is None:
-            agent = self._upstream = ForwardingAgent(reactor)
+            pool = make_pool(reactor)
+            self._pools.append(pool)
+            agent = make_agent(reactor, pool)
         if probe is None:
             import treq.client
 
-            probe_pool = QuietPool(reactor, persistent=False)
+            probe_pool = make_pool(reactor, persistent=False)
             self._pools.append(probe_pool)
-            probe = http_probe(treq.client.HTTPClient(Agent(reactor, pool=probe_pool)),
+            probe = http_probe(treq.client.HTTPClient(make_agent(reactor, probe_pool)),
                                timeout=PROBE_TIMEOUT)
         self.probe = probe
         if swapper is None:
@@ -183,22 +108,25 @@ class JanoService(MultiService):
                                    upstream_timeout=config.server.upstream_timeout,
                                    idle_write_timeout=config.server.idle_write_timeout,
                                    strip_authorization=config.server.api_key is not None)
-        self.jano = Jano(config.models, self.forwarder, self.telemetry, self._fallback,
-                         clock=reactor, api_key=config.server.api_key,
-                         telemetry_key=config.server.telemetry_key, started_at=started_at,
-                         usage_ring=config.telemetry.usage_ring,
-                         thrash_swaps_per_hour=config.telemetry.thrash_swaps_per_hour)
-        self.resource = JanoResource(self.jano)
-        self.site = JanoSite(self.resource, max_body_bytes=config.server.max_body_bytes)
+        self.app = JanoApp(config.models, self.forwarder, self.telemetry, self._fallback,
+                           clock=reactor, api_key=config.server.api_key,
+                           telemetry_key=config.server.telemetry_key, started_at=started_at,
+                           usage_ring=config.telemetry.usage_ring,
+                           thrash_swaps_per_hour=config.telemetry.thrash_swaps_per_hour)
+        self.resource = self.app.resource()
+        srv = config.server
+        self.site = JanoSite(self.resource, max_body_bytes=srv.max_body_bytes,
+                             api_key=srv.api_key, max_connections=srv.max_connections,
+                             max_connections_per_client=srv.max_connections_per_client,
+                             idle_timeout=srv.idle_timeout, reactor=reactor)
         self.listener: Optional[Any] = None
         if listen:
-            self.factory = JanoHTTPFactory(self.site, reactor)
-            self.listener = strports.service(config.server.listen, self.factory, reactor=reactor)
+            self.listener = strports.service(srv.listen, self.site, reactor=reactor)
             self.listener.setServiceParent(self)
 
     # --- wiring helpers -------------------------------------------------------------
 
-    def _swap_finished(self, event: Any) -> None:
+    def _swap_finished(self, event: SwapEvent) -> None:
         level = self.log.info if event.result == "ok" else self.log.warn
         level("swap {group}: {from_model} -> {to_model} {result} in {duration:.2f}s{error}",
               group=event.group, from_model=event.from_model, to_model=event.to_model,
@@ -216,7 +144,7 @@ class JanoService(MultiService):
 
     def _fallback(self) -> Optional[ModelSpec]:
         """The loaded model for requests that name none: the first group's resident, else the first model."""
-        models = self.jano.models
+        models = self.app.models
         residents = self._residents()
         for spec in models:
             if not spec.always_on and residents.get(spec.group) == spec.name:
@@ -258,12 +186,16 @@ class JanoService(MultiService):
         self.forwarder.upstream_timeout = new.server.upstream_timeout
         self.forwarder.idle_write_timeout = new.server.idle_write_timeout
         self.forwarder.strip_authorization = new.server.api_key is not None
-        self.site.max_body_bytes = new.server.max_body_bytes
-        jano = self.jano
-        jano.api_key = new.server.api_key
-        jano.telemetry_key = new.server.telemetry_key
-        jano.thrash_swaps_per_hour = new.telemetry.thrash_swaps_per_hour
-        jano.set_models(new.models)
+        site = self.site
+        site.max_body_bytes = new.server.max_body_bytes
+        site.api_key = new.server.api_key
+        site.max_connections = new.server.max_connections
+        site.max_connections_per_client = new.server.max_connections_per_client
+        app = self.app
+        app.api_key = new.server.api_key
+        app.telemetry_key = new.server.telemetry_key
+        app.thrash_swaps_per_hour = new.telemetry.thrash_swaps_per_hour
+        app.set_models(new.models)
         self.config = new
         self.log.info("config reloaded from {source}: {n} models", source=new.source,
                       n=len(new.models))
@@ -272,7 +204,7 @@ class JanoService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, let in-flight requests finish (up to the grace period), then close."""
-        self.jano.draining = True
+        self.app.draining = True
         stops: list[Deferred[Any]] = []
         if self.listener is not None and self.listener.running:
             stops.append(maybeDeferred(self.listener.stopService))
@@ -292,8 +224,6 @@ class JanoService(MultiService):
             self.running = False
             for pool in self._pools:
                 stops.append(pool.closeCachedConnections())
-            if self._upstream is not None:
-                stops.append(self._upstream.close_idle())
             return DeferredList(stops, consumeErrors=True)
 
         drained.addErrback(lambda _: None)
@@ -310,8 +240,9 @@ def make_resource(config: Config, reactor: Any = None, **kw: Any) -> IResource:
     Jano as a resource for an existing ``Site`` (``root.putChild(b"llm", ...)``).
 
     The health probes start now and stop when the reactor shuts down.  Mount it
-    on a ``jano.api.JanoSite`` to get Jano's bounded in-memory request bodies;
-    on a plain ``Site``, Twisted's own body handling applies.
+    on a :class:`jano.web.site.JanoSite` to get Jano's limits (bounded
+    in-memory bodies, refusal before the body is read, connection caps); on a
+    plain ``Site``, Twisted's own body handling applies.
     """
     reactor = _reactor(reactor)
     svc = JanoService(config, reactor, listen=False, **kw)

@@ -65,19 +65,19 @@ class Options(usage.Options):
 
 def demo_service(reactor: Any, listen: str) -> IService:
     """Jano in front of two in-process fake model servers with a simulated swap."""
-    from jano.api import JanoSite
-
     from jano.config import DEFAULT_LISTEN, SchedulerConfig, ServerConfig, SwapConfig
+    from jano.demo import FakeModelServer, SimulatedSwapper
     from jano.records import ModelSpec
     from jano.service import JanoService
-    from jano.testing import FakeModelServer, SimulatedSwapper
+    from jano.web.site import JanoSite
 
     servers = {}
     specs = []
     for name in DEMO_MODELS:
         fake = FakeModelServer(reactor, models=(name,), flavor="llamacpp", gen_tok_s=40.0,
                                default_delay=0.025)
-        port = reactor.listenTCP(0, JanoSite(fake.resource()), interface="127.0.0.1")
+        site = JanoSite(fake.resource())  # no access log, bounded bodies
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
         servers[name] = fake
         specs.append(ModelSpec(name=name, upstream=f"http://127.0.0.1:{port.getHost().port}",
                                kind="llamacpp", health="/health", max_concurrency=4))
@@ -107,7 +107,7 @@ def makeService(options: Options) -> IService:
         try:
             svc = JanoService(config, reactor)
         except Exception as e:  # bad swap command and the like: one line, no traceback
-            from jano.swap import SwapCommandError
+            from jano.errors import SwapCommandError
 
             if isinstance(e, SwapCommandError):
                 raise SystemExit(f"jano: bad configuration: swap.command: {e}") from None

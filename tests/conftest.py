@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+from typing import Any, Iterator
 
 import pytest
 
@@ -14,3 +16,40 @@ def require(tool_ok: bool, why: str) -> None:
     if os.environ.get("JANO_REQUIRE_ALL"):
         pytest.fail(f"required for this test and missing: {why}")
     pytest.skip(why)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "logs_errors: the test expects Twisted to log errors (the error observer "
+                   "lets them pass)")
+
+
+@pytest.fixture(autouse=True)
+def error_observer(request: pytest.FixtureRequest) -> Iterator[list[dict[str, Any]]]:
+    """
+    Fail any test during which Twisted logged an unhandled error (a failure
+    logged with ``log.failure``/``log.err``, or a Deferred garbage-collected
+    with an unhandled error), unless it is marked ``logs_errors``.
+    """
+    from twisted.logger import globalLogPublisher
+
+    errors: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield errors
+        gc.collect()  # unhandled errors in Deferreds are reported when collected
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    if errors and request.node.get_closest_marker("logs_errors") is None:
+        from twisted.logger import formatEvent
+
+        lines = []
+        for e in errors[:3]:
+            failure = e.get("log_failure")
+            lines.append(formatEvent(e) + ("\n" + failure.getTraceback() if failure else ""))
+        pytest.fail("Twisted logged an unhandled error:\n" + "\n".join(lines), pytrace=False)

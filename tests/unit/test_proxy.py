@@ -1,6 +1,7 @@
 """
-Jano end to end in memory: StubTreq client -> Jano resource -> in-memory
-fake model servers, all on one Clock.  Real sockets live in tests/integration.
+Jano end to end in memory: treq's client -> the listener users run
+(``JanoSite`` and the Klein app) -> in-memory fake model servers, all on one
+Clock.  Real sockets live in tests/integration.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jano.config import Config, SchedulerConfig, ServerConfig
 from jano.records import ModelSpec
 from jano.service import JanoService
 from jano.testing import FakeModelServer, SimulatedSwapper
+from jano.testing._memory import MemoryClient
 
 HOSTS = {"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}
 
@@ -69,7 +71,7 @@ class World:
         self.swapper = SimulatedSwapper(self.clock, self.fakes, delay=swap_delay)
         self.svc = JanoService(self.config, self.clock, swapper=self.swapper, agent=self.agent,
                                probe=lambda url: fail(ConnectionRefusedError()), listen=False)
-        self.client = StubTreq(self.svc.resource)
+        self.client = MemoryClient(self.svc.site)
 
     def pump(self, d: "Deferred[Any]", rounds: int = 5000, advance: float = 0.0) -> Any:
         box: list[Any] = []
@@ -307,7 +309,7 @@ def test_client_disconnect_while_streaming_aborts_upstream() -> None:
     w.clock.advance(1.0)
     w.client.flush(); w.agent.flush()
     # Drop the client's connection the way a closed socket would.
-    resp.original._transport.loseConnection() if hasattr(resp, "original") else resp._transport.loseConnection()
+    w.client.disconnect()
     for _ in range(50):
         w.clock.advance(1.0)
         w.client.flush(); w.agent.flush()

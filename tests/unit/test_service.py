@@ -39,7 +39,7 @@ def test_make_service_listens_on_loopback_and_probes_health() -> None:
     done: list[Any] = []
     svc.stopService().addBoth(done.append)
     reactor.advance(0)
-    assert done == [None] and svc.jano.draining
+    assert done == [None] and svc.app.draining
 
 
 def test_make_resource_is_a_resource_that_stops_with_the_reactor() -> None:
@@ -62,12 +62,12 @@ def test_reload_adds_models_and_a_bad_file_keeps_the_old_config(tmp_path: Path) 
                     '[[models]]\nname = "c"\nupstream = "http://127.0.0.1:9003"\nalways_on = true\n'
                     '[server]\nmax_body_bytes = 2048\n')
     assert svc.reload_from(str(good)) is True
-    assert [m.name for m in svc.jano.models] == ["a", "c"] and svc.site.max_body_bytes == 2048
+    assert [m.name for m in svc.app.models] == ["a", "c"] and svc.site.max_body_bytes == 2048
     assert {m.name for m in svc.scheduler.snapshot().models} == {"a", "c"}
     bad = tmp_path / "bad.toml"
     bad.write_text("[[models]]\nname = 3\n")
     assert svc.reload_from(str(bad)) is False
-    assert [m.name for m in svc.jano.models] == ["a", "c"]
+    assert [m.name for m in svc.app.models] == ["a", "c"]
     assert svc.reload_from(str(tmp_path / "missing.toml")) is False
 
 
@@ -82,7 +82,7 @@ def test_listen_endpoint_comes_from_the_config() -> None:
 def test_upstream_endpoints_are_built_once_per_upstream() -> None:
     from twisted.web.client import URI
 
-    from jano.service import CachedEndpoints
+    from jano.forward.agent import CachedEndpoints
 
     factory = CachedEndpoints(MemoryReactorClock())
     a1 = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/v1/chat/completions"))
@@ -92,23 +92,30 @@ def test_upstream_endpoints_are_built_once_per_upstream() -> None:
     assert a1 is a2 and a1 is not b and tls is not b
 
 
-def test_plain_upstreams_use_the_lean_agent_and_tls_ones_twisteds() -> None:
-    from twisted.internet.defer import Deferred
+def test_the_upstream_endpoints_for_ip_literals_need_no_resolver_and_log_nothing() -> None:
+    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.web.client import URI
 
-    from jano.service import ForwardingAgent
+    from jano.forward.agent import CachedEndpoints, QuietEndpoint
 
-    agent = ForwardingAgent(MemoryReactorClock())
-    seen: list[bytes] = []
+    reactor = MemoryReactorClock()
+    factory = CachedEndpoints(reactor)
+    ip = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/x"))
+    named = factory.endpointForURI(URI.fromBytes(b"http://gpu-box:8080/x"))
+    assert isinstance(ip, QuietEndpoint) and isinstance(named, QuietEndpoint)
+    assert isinstance(ip._wrapped, TCP4ClientEndpoint)
+    assert isinstance(named._wrapped, HostnameEndpoint)
+    f = Factory.forProtocol(Protocol)
+    assert f.noisy
+    ip.connect(f)
+    assert f.noisy is False and reactor.tcpClients[0][:2] == ("127.0.0.1", 8080)
 
-    class Recording:
-        def request(self, method: bytes, uri: bytes, *a: Any) -> Deferred[Any]:
-            seen.append(uri)
-            return Deferred()
 
-    agent.plain = Recording()  # type: ignore[assignment]
-    agent.request(b"GET", b"http://127.0.0.1:8080/health")
-    assert seen == [b"http://127.0.0.1:8080/health"] and agent._tls is None
-    d = agent.request(b"GET", b"https://example.test/health")
-    assert seen == [b"http://127.0.0.1:8080/health"] and agent._tls is not None
-    d.cancel()
-    d.addErrback(lambda _: None)
+def test_forwarding_uses_twisteds_agent_over_one_persistent_pool() -> None:
+    from twisted.web.client import Agent
+
+    svc = JanoService(_config(), MemoryReactorClock(), swapper=SimulatedSwapper(MemoryReactorClock(), {}),
+                      probe=_refuse, listen=False)
+    assert isinstance(svc.forwarder.agent, Agent)
+    assert svc._pools[0].persistent and svc._pools[0].maxPersistentPerHost == 64

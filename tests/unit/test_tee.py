@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 
-from jano.tee import StreamTee
+from jano.forward.tee import StreamTee
 from jano.usage import TailBuffer
 
 

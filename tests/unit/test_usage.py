@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jano import usage as usage_module
 from jano.records import Usage
 from jano.usage import TailBuffer, extract_usage, with_router_timing
+from jano.usage.formats import _extract
 from wire import header_value, load_capture, load_capture_chunks
 
 HYPOTHESIS = settings(
@@ -510,7 +510,7 @@ def test_hostile_json_does_not_raise() -> None:
     for body in cases:
         for truncated in (False, True):
             for content_type in (None, "application/json", "text/event-stream"):
-                result = usage_module._extract(body, content_type, truncated)
+                result = _extract(body, content_type, truncated)
                 assert_honest(result, body)
                 assert result is None or result.completion_tokens is None
 
@@ -655,7 +655,7 @@ def test_ollama_body_cut_anywhere_never_reads_text() -> None:
     # the trailing string (escaped quotes, backslashes) is skipped whole.
     complete_until = body.index(b', "prompt_eval_count"')
     for cut in range(len(body)):
-        result = usage_module._extract(body[cut:], "application/json", True)
+        result = _extract(body[cut:], "application/json", True)
         assert not counts(result) & FAKE_NUMBERS, cut
         assert_part_of(result, whole)
         if cut <= complete_until:
@@ -683,7 +683,7 @@ def test_llamacpp_final_event_cut_anywhere_never_reads_text() -> None:
     complete_until = body.index(b', "prompt"')  # the timings are whole after this
     for cut in range(len(body)):
         for content_type in ("text/event-stream", None):
-            result = usage_module._extract(body[cut:], content_type, True)
+            result = _extract(body[cut:], content_type, True)
             assert not counts(result) & FAKE_NUMBERS, cut
             assert_part_of(result, whole)
             if cut <= complete_until:
@@ -821,7 +821,7 @@ json_soup = st.lists(st.sampled_from(PIECES), max_size=60).map(b"".join)
 def test_any_bytes_never_raise_and_invent_nothing(
     data: bytes, content_type: Optional[str], truncated: bool
 ) -> None:
-    result = usage_module._extract(data, content_type, truncated)
+    result = _extract(data, content_type, truncated)
     assert_honest(result, data)
     assert extract_usage(data, content_type, truncated=truncated) == result
 
@@ -833,7 +833,7 @@ def test_any_slice_of_a_capture_is_honest(name: str, data: st.DataObject) -> Non
     start = data.draw(st.integers(0, len(body)), label="start")
     end = data.draw(st.integers(start, len(body)), label="end")
     tail = body[start:end]
-    result = usage_module._extract(tail, content_type, start > 0)
+    result = _extract(tail, content_type, start > 0)
     assert_honest(result, tail)
     if end == len(body):
         assert_part_of(result, EXPECTED[name])
@@ -853,7 +853,7 @@ def test_any_split_into_a_tail_buffer_agrees(name: str, sizes: list[int], limit:
         tail.feed(body[pos : pos + size])
         pos += size
     tail.feed(body[pos:])
-    result = usage_module._extract(tail.getvalue(), content_type, tail.truncated)
+    result = _extract(tail.getvalue(), content_type, tail.truncated)
     assert_honest(result, tail.getvalue())
     assert_part_of(result, EXPECTED[name])
     if len(body) - final_record_start(body) <= limit:
@@ -885,7 +885,7 @@ records = st.dictionaries(
 @HYPOTHESIS
 @given(records, st.sampled_from(["json", "ndjson", "sse"]), st.integers(0, 400), st.booleans())
 def test_structured_records_are_read_honestly(
-    record: dict, framing: str, cut: int, indent: bool
+    record: dict[str, object], framing: str, cut: int, indent: bool
 ) -> None:
     # Random key order, so a cut tail may legitimately read other members
     # than the whole record (say timings without usage): honesty only.
@@ -897,6 +897,6 @@ def test_structured_records_are_read_honestly(
     else:
         body = b"data: {}\n\ndata: " + text + b"\n\ndata: [DONE]\n\n"
         content_type = "text/event-stream"
-    assert_honest(usage_module._extract(body, content_type, False), body)
+    assert_honest(_extract(body, content_type, False), body)
     tail = body[min(cut, len(body)) :]
-    assert_honest(usage_module._extract(tail, content_type, cut > 0), tail)
+    assert_honest(_extract(tail, content_type, cut > 0), tail)

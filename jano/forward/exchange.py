@@ -1,15 +1,17 @@
 """
-Forwarding: one :class:`Exchange` per proxied request.
+Forwarding: one :class:`Exchange` per proxied request, from admission to the
+last byte, and the :class:`Forwarder` that all of them share.
 
-The bytes forwarded are the bytes received.  Forwarding uses Twisted's
-``Agent`` with a persistent ``HTTPConnectionPool`` rather than
-``treq.request``: treq wraps every call in redirect-following, cookie-keeping
-and gzip-decoding agents, and a transparent proxy must do none of those.
+The bytes forwarded are the bytes received.  Forwarding goes through an
+``IAgent`` (Twisted's ``Agent`` with a persistent pool, see
+:mod:`jano.forward.agent`) rather than ``treq.request``: treq wraps every call
+in redirect-following, cookie-keeping and gzip-decoding agents, and a
+transparent proxy must do none of those.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Protocol as TypingProtocol, cast
+from typing import TYPE_CHECKING, Optional, cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
@@ -17,28 +19,20 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, I
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse, UNKNOWN_LENGTH
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from jano.headers import WireHeaders
+from jano.errors import Draining, ModelUnavailable, QueueFull, Refusal, error_body
+from jano.forward.headers import copy_response_headers, upstream_headers
+from jano.forward.tee import StreamTee
+from jano.interfaces import Admission, UsageSink
 from jano.records import Outcome, Usage, UsageRecord
-from jano.routing import Refusal, error_body
-from jano.tee import StreamTee
 from jano.usage import TailBuffer, extract_usage, with_router_timing
 
 if TYPE_CHECKING:
     from jano.records import ModelSpec
     from jano.scheduler import Ticket
-
-#: RFC 9110 section 7.6.1 connection-specific fields, plus the legacy
-#: Proxy-Connection, never forwarded in either direction.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
-_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
 
 #: Bytes of each body's tail kept for token counting.
 TAIL_BYTES = 64 * 1024
@@ -73,78 +67,14 @@ class BytesProducer:
         pass
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
-
-
-def upstream_headers(incoming: Headers, client_host: Optional[str],
-                     strip_authorization: bool) -> Headers:
-    """The request headers to send upstream: end-to-end ones, plus ``X-Forwarded-For``."""
-    drop = _NOT_FORWARDED | _connection_tokens(incoming)
-    if strip_authorization:
-        drop = drop | {b"authorization"}
-    out = WireHeaders()
-    out.copy_from(incoming, drop)
-    if client_host:
-        prior = incoming.getRawHeaders(b"x-forwarded-for")
-        host = client_host.encode("ascii", "replace")
-        out.setRawHeaders(b"x-forwarded-for",
-                          [b", ".join([*prior, host]) if prior else host])
-    return out
-
-
-def copy_response_headers(response: IResponse, request: Request) -> None:
-    """
-    Give the client the upstream's status, end-to-end headers and length,
-    nothing of Twisted's own.  Headers the upstream's ``Connection`` header
-    names are hop-by-hop too (``jano.upstream`` reports them; Twisted's
-    ``Agent`` hides that header).
-    """
-    request.setResponseCode(response.code, response.phrase)
-    out = request.responseHeaders
-    request.defaultContentType = None
-    nominated = getattr(response, "connection_tokens", None)  # jano.upstream reports them
-    if nominated is None:
-        nominated = _connection_tokens(response.headers)
-    drop = HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
-    if isinstance(out, WireHeaders):  # jano.h1: starts empty, nothing of Twisted's to remove
-        out.copy_from(response.headers, drop)
-    else:
-        out.removeHeader(b"server")
-        out.removeHeader(b"date")
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in drop:
-                out.setRawHeaders(name, values)
-    length = response.length
-    if isinstance(length, int):
-        out.setRawHeaders(b"Content-Length", [b"%d" % length])
-
-
-class Admission(TypingProtocol):
-    """The scheduler seam: admit a request for a model, release it when done."""
-
-    def admit(self, model: str) -> Deferred["Ticket"]: ...
-
-    def release(self, ticket: "Ticket") -> None: ...
-
-
-class Recorder(TypingProtocol):
-    def next_request_id(self) -> int: ...
-
-    def request_finished(self, record: UsageRecord) -> None: ...
-
-    def queue_rejected(self, reason: str) -> None: ...
-
-    def client_disconnected(self, model: Optional[str], phase: str) -> None: ...
-
-
-def write_error(request: Request, status: int, message: str, kind: str,
+def write_error(request: Request, path: bytes, status: int, message: str, kind: str,
                 code: Optional[str] = None, retry_after: Optional[float] = None) -> None:
-    """Answer a request with an API-shaped JSON error and finish it."""
-    body = error_body(request.path, status, message, kind, code)
+    """
+    Answer a request with an API-shaped JSON error and finish it.
+
+    :param path: the path below Jano's mount point, which picks the error's shape.
+    """
+    body = error_body(path, status, message, kind, code)
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
@@ -155,11 +85,11 @@ def write_error(request: Request, status: int, message: str, kind: str,
     request.finish()
 
 
-def _abort_client(request: Request) -> None:
+def abort_client(request: Request) -> None:
     """Drop the client's connection at once, unsent bytes and all."""
-    channel = request.channel
-    if channel is not None and channel.transport is not None:
-        cast(ITCPTransport, channel.transport).abortConnection()
+    transport = request.transport
+    if transport is not None:
+        cast(ITCPTransport, transport).abortConnection()
 
 
 class Forwarder:
@@ -168,7 +98,7 @@ class Forwarder:
     log = Logger()
 
     def __init__(self, agent: IAgent, clock: IReactorTime, admission: Admission,
-                 recorder: Recorder, *, upstream_timeout: float = 600.0,
+                 recorder: UsageSink, *, upstream_timeout: float = 600.0,
                  idle_write_timeout: Optional[float] = 300.0,
                  strip_authorization: bool = False) -> None:
         self.agent = agent
@@ -204,16 +134,17 @@ class Forwarder:
         for exchange in due:
             exchange._headers_timeout()
 
-    def refuse(self, request: Request, refusal: Refusal, arrived_at: float,
+    def refuse(self, request: Request, path: bytes, refusal: Refusal, arrived_at: float,
                model: Optional[str] = None, stream: bool = False,
                retry_after: Optional[float] = None) -> None:
-        write_error(request, refusal.status, refusal.message, refusal.kind,
+        """Answer with ``refusal`` and record the request as rejected."""
+        write_error(request, path, refusal.status, refusal.message, refusal.kind,
                     retry_after=retry_after)
         self.recorder.queue_rejected(refusal.reason)
         self.recorder.request_finished(UsageRecord(
             id=self.recorder.next_request_id(), model=model,
             method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("utf-8", "replace"), status=refusal.status,
+            path=path.decode("utf-8", "replace"), status=refusal.status,
             stream=stream, arrived_at=arrived_at, queue_wait=None, waited_for_swap=False,
             ttfb=None, duration=self.clock.seconds() - arrived_at, usage=None,
             outcome="rejected"))
@@ -226,15 +157,22 @@ class Exchange:
     Phases: ``queued`` (waiting for the scheduler), ``waiting_headers``
     (forwarded, no response yet), ``streaming`` (body flowing), ``done``.  A
     client disconnect in any phase cancels what that phase is waiting on.
+
+    :param path: the path below Jano's mount point (error shapes, records).
+    :param target: what is appended to the model's upstream URL: the path
+        and query below the mount point, as received.
     """
 
     log = Logger()
 
     def __init__(self, fwd: Forwarder, request: Request, spec: "ModelSpec", body: bytes,
-                 admit: bool, stream_hint: bool, arrived_at: float,
-                 uri: Optional[bytes] = None) -> None:
+                 admit: bool, stream_hint: bool, arrived_at: float, path: bytes,
+                 target: bytes) -> None:
         self.fwd = fwd
-        self.uri = uri if uri is not None else request.uri
+        self.path = path
+        self.target = target
+        #: Fires (with ``None``) once the request has ended, in any way.
+        self.done: Deferred[None] = Deferred()
         self.request = request
         self.spec = spec
         self.body = body
@@ -254,27 +192,23 @@ class Exchange:
 
     # --- phases -------------------------------------------------------------------
 
-    def start(self) -> None:
-        watch = getattr(self.request, "watch_lost", None)  # jano.h1.ProxyRequest: no Deferred
-        if watch is not None:
-            watch(self._client_lost)
-        else:
-            self.request.notifyFinish().addErrback(self._client_lost)
+    def start(self) -> Deferred[None]:
+        """Queue (or forward at once); the result is :attr:`done`."""
+        self.request.notifyFinish().addErrback(self._client_lost)
         if not self.admit:
             self._forward(None)
-            return
+            return self.done
         self.phase = "queued"
         d = self.fwd.admission.admit(self.spec.name)
         self._waiting = d  # type: ignore[assignment]
         d.addCallbacks(self._forward, self._not_admitted)
+        return self.done
 
     def _not_admitted(self, failure: Failure) -> None:
         self._waiting = None
         if failure.check(CancelledError) and self.client_gone:
             self._end("client_disconnected")
             return
-        from jano.scheduler import Draining, ModelUnavailable, QueueFull
-
         if failure.check(QueueFull):
             exc = failure.value
             self._refuse(Refusal(429, f"too many requests queued for model {self.spec.name!r}",
@@ -295,12 +229,13 @@ class Exchange:
                                  "internal_error", "other"), None)
 
     def _refuse(self, refusal: Refusal, retry_after: Optional[float]) -> None:
-        self.phase = "done"
         if self.client_gone:
             self._end("client_disconnected")
             return
-        self.fwd.refuse(self.request, refusal, self.arrived_at, self.spec.name, self.stream,
-                        retry_after)
+        self.phase = "done"
+        self.fwd.refuse(self.request, self.path, refusal, self.arrived_at, self.spec.name,
+                        self.stream, retry_after)
+        self._settle()
 
     def _forward(self, ticket: Optional["Ticket"]) -> None:
         self._waiting = None
@@ -313,7 +248,7 @@ class Exchange:
         addr = request.getClientAddress()
         headers = upstream_headers(request.requestHeaders, getattr(addr, "host", None),
                                    self.fwd.strip_authorization)
-        url = self.spec.upstream.encode("ascii") + self.uri
+        url = self.spec.upstream.encode("ascii") + self.target
         producer = BytesProducer(self.body) if self.body or request.method in (
             b"POST", b"PUT", b"PATCH") else None
         d = self.fwd.agent.request(request.method, url, headers, producer)
@@ -364,11 +299,12 @@ class Exchange:
         elif failure.check(ResponseNeverReceived):
             status, msg = 502, f"upstream for model {name!r} closed the connection without answering"
         else:
-            status, msg = 502, f"upstream for model {name!r} failed: {failure.getErrorMessage()}"
-        self.log.warn("{method} {path} -> {status}: {msg}", method=self.request.method,
-                      path=self.request.path, status=status, msg=msg)
+            status, msg = 502, f"upstream for model {name!r} failed"
+        # The detail (which may name the upstream's address) goes to the log only.
+        self.log.warn("{method} {path} -> {status}: {msg} ({detail})", method=self.request.method,
+                      path=self.path, status=status, msg=msg, detail=failure.getErrorMessage())
         self.status = status
-        write_error(self.request, status, msg, "upstream_error")
+        write_error(self.request, self.path, status, msg, "upstream_error")
         self._end("upstream_error")
 
     def _body_ended(self, completed: bool, first_at: Optional[float], last_at: Optional[float],
@@ -382,7 +318,7 @@ class Exchange:
             self.log.warn("{model}: upstream body ended early after {n} bytes; "
                           "dropping the client connection", model=self.spec.name, n=nbytes)
             self._end("upstream_error")
-            _abort_client(self.request)
+            abort_client(self.request)
             return
         self.request.finish()
         usage: Optional[Usage] = None
@@ -397,7 +333,7 @@ class Exchange:
         """The client read nothing for ``idle_write_timeout``: free its connection and the upstream."""
         self.log.warn("{model}: client read nothing for {t:g}s; dropping it",
                       model=self.spec.name, t=self.fwd.idle_write_timeout)
-        _abort_client(self.request)  # fires notifyFinish's errback -> _client_lost
+        abort_client(self.request)  # fires notifyFinish's errback -> _client_lost
 
     def _client_lost(self, failure: Failure) -> None:
         if self.phase == "done":
@@ -421,8 +357,14 @@ class Exchange:
         self.fwd.recorder.request_finished(UsageRecord(
             id=self.fwd.recorder.next_request_id(), model=self.spec.name,
             method=self.request.method.decode("ascii", "replace"),
-            path=self.request.path.decode("utf-8", "replace"),
+            path=self.path.decode("utf-8", "replace"),
             status=self.status, stream=self.stream, arrived_at=self.arrived_at,
             queue_wait=ticket.queue_wait if ticket is not None else (0.0 if not self.admit else None),
             waited_for_swap=bool(ticket and ticket.waited_for_swap), ttfb=self.ttfb,
             duration=now - self.arrived_at, usage=usage, outcome=outcome))
+        self._settle()
+
+    def _settle(self) -> None:
+        # The web layer may have cancelled :attr:`done` when the client left.
+        if not self.done.called:
+            self.done.callback(None)

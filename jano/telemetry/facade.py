@@ -1,0 +1,142 @@
+"""
+:class:`Telemetry`: the one object the rest of Jano holds.
+
+It wires a :class:`~jano.telemetry.recorder.Recorder`, the JSON views and the
+Prometheus export together around Jano's own registry, and passes each call
+to the piece that does the work.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Sequence
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.interfaces import IReactorTime
+
+from jano.records import HealthState, ModelSpec, SchedulerSnapshot, SwapEvent, UsageRecord
+from jano.telemetry.export import ScrapeCollector, render
+from jano.telemetry.recorder import Recorder
+from jano.telemetry.views import status_body, usage_body
+
+__all__ = ["Telemetry"]
+
+
+class Telemetry:
+    """
+    Jano's observations, and the ``/status``, ``/usage`` and ``/metrics`` views.
+
+    Recording methods are called on the request path: each does O(1)
+    amortised work and allocates nothing beyond what the caller hands in
+    (plus one small tuple for a backend-timed generation).
+
+    :param clock: the source of ``seconds()`` for every timestamp.
+    :param models: the configured models; they alone may be label values.
+    :param version: reported as ``version`` and ``jano_build_info``.
+    :param snapshot: the scheduler's state right now.
+    :param health: each model's last health state right now.
+    :param usage_ring: how many finished requests ``/usage`` remembers.
+    :param window: seconds covered by ``recentGenTokS``.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        models: Sequence[ModelSpec],
+        *,
+        version: str,
+        snapshot: Callable[[], SchedulerSnapshot],
+        health: Callable[[], Mapping[str, HealthState]],
+        usage_ring: int = 1000,
+        window: float = 60.0,
+    ) -> None:
+        self._clock = clock
+        self._version = version
+        self._snapshot = snapshot
+        self._health = health
+        self._registry = CollectorRegistry()
+        self._recorder = Recorder(
+            clock, models, self._registry, usage_ring=usage_ring, window=window
+        )
+        self._registry.register(
+            ScrapeCollector(
+                self._recorder, clock, version=version, snapshot=snapshot, health=health
+            )
+        )
+
+    # -- configuration -----------------------------------------------------
+
+    def set_models(self, models: Sequence[ModelSpec]) -> None:
+        """
+        Adopt a new model list (config reload).
+
+        New models get their series at once.  Series of removed models stay
+        (counters keep their totals and stop moving); from now on a record
+        naming a removed model counts under ``model=""``.
+        """
+        self._recorder.set_models(models)
+
+    # -- recording (the UsageSink and SwapListener seams) ------------------
+
+    def next_request_id(self) -> int:
+        """A new id for a request, unique for this process (1, 2, 3...)."""
+        return self._recorder.next_request_id()
+
+    def request_finished(self, record: UsageRecord) -> None:
+        """
+        Count one finished request (whatever its outcome) and keep it for ``/usage``.
+
+        Token counts enter the totals only when the backend reported them, and
+        the tokens-per-second figures only when the backend also timed the
+        generation (``usage.timed_by == "backend"``).
+        """
+        self._recorder.request_finished(record)
+
+    def swap_finished(self, event: SwapEvent) -> None:
+        """Count one ended swap attempt, whatever its result."""
+        self._recorder.swap_finished(event)
+
+    def queue_rejected(self, reason: str) -> None:
+        """Count a request Jano refused itself; unknown reasons count as "other"."""
+        self._recorder.queue_rejected(reason)
+
+    def client_disconnected(self, model: Optional[str], phase: str) -> None:
+        """
+        Count a client that went away.
+
+        :param phase: ``"queued"``, ``"waiting_headers"`` or ``"streaming"``;
+            anything else counts as ``"other"``.
+        """
+        self._recorder.client_disconnected(model, phase)
+
+    # -- views -------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        """The ``/status`` document: JSON-ready, camelCase, ``null`` when unobserved."""
+        now = self._clock.seconds()
+        snap = self._snapshot()
+        health = self._health()
+        return status_body(self._recorder, version=self._version, now=now, snap=snap,
+                           health=health)
+
+    def usage(self, limit: int) -> list[dict[str, object]]:
+        """
+        The newest ``limit`` finished requests, newest first, JSON-ready.
+
+        Paths lose their query string here: queries can carry user text.
+        """
+        return usage_body(self._recorder, limit)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """Jano's own registry (never the process-global one)."""
+        return self._registry
+
+    def metrics(self, accept: Optional[str]) -> tuple[str, bytes]:
+        """
+        Render the registry for a scrape.
+
+        :param accept: the request's Accept header, if any.
+        :return: ``(content type, body)``: OpenMetrics 1.0 when the scraper
+            prefers ``application/openmetrics-text``, else the classic text format.
+        """
+        return render(self._registry, accept)

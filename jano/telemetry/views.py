@@ -1,0 +1,151 @@
+"""
+The ``/status`` and ``/usage`` bodies: JSON-ready, camelCase.
+
+``None`` (JSON ``null``) means "not observed"; it is never replaced by 0.
+What describes *now* (queue depth, residency, health) is handed in by the
+caller, read when somebody asks; the rest comes from the
+:class:`~jano.telemetry.recorder.Recorder`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Mapping, Optional
+
+from jano.records import HealthState, SchedulerSnapshot, SwapEvent, UsageRecord, iso, ms
+from jano.telemetry.recorder import Recorder
+
+__all__ = ["status_body", "usage_body"]
+
+
+def status_body(
+    recorder: Recorder,
+    *,
+    version: str,
+    now: float,
+    snap: SchedulerSnapshot,
+    health: Mapping[str, HealthState],
+) -> dict[str, object]:
+    """The ``/status`` document: JSON-ready, camelCase, ``null`` when unobserved."""
+    groups: dict[str, object] = {}
+    for group in snap.groups:
+        swap: Optional[dict[str, object]] = None
+        if group.swapping_to is not None:
+            swap = {"to": group.swapping_to, "since": iso(group.swap_started_at)}
+        groups[group.name] = {
+            "resident": group.resident,
+            "loadedAt": iso(group.loaded_at),
+            "swapInProgress": swap,
+        }
+    main = next((g for g in snap.groups if g.name == "default"), None)
+    if main is None and snap.groups:
+        main = snap.groups[0]
+
+    queue_by_model = {m.name: m.queued for m in snap.models}
+    in_flight_by_model = {m.name: m.in_flight for m in snap.models}
+    oldest = min(
+        (m.oldest_queued_at for m in snap.models if m.oldest_queued_at is not None),
+        default=None,
+    )
+    models_down = {
+        m.name: {"until": iso(m.down_until), "reason": m.down_reason}
+        for m in snap.models
+        if m.down_until is not None and m.down_until > now
+    }
+
+    last = recorder.last_swap
+    last_swap = _swap_entry(last) if last is not None else None
+    recent, recent_by_model = recorder.recent_gen_tok_s(now)
+    started_at = recorder.started_at
+
+    return {
+        "version": version,
+        "startedAt": iso(started_at),
+        "uptimeSeconds": round(max(0.0, now - started_at), 3),
+        "currentModel": main.resident if main is not None else None,
+        "currentModelLoadedAt": iso(main.loaded_at) if main is not None else None,
+        "groups": groups,
+        "queueDepth": sum(queue_by_model.values()),
+        "queueDepthByModel": queue_by_model,
+        "inFlight": sum(in_flight_by_model.values()),
+        "inFlightByModel": in_flight_by_model,
+        "oldestWaitingMs": ms(max(0.0, now - oldest)) if oldest is not None else None,
+        "lastSwapDurationMs": ms(last.duration) if last is not None else None,
+        "lastSwap": last_swap,
+        "recentSwaps": [_swap_entry(e) for e in reversed(recorder.recent_swaps)],
+        "swapsLastHour": recorder.swaps_last_hour(now, snap),
+        "recentGenTokS": recent,
+        "recentGenTokSByModel": recent_by_model,
+        "recentWindowSeconds": recorder.window,
+        "requestsTotal": recorder.requests_total,
+        "requestsServedTotal": recorder.served_total,
+        "requestsWithoutUsageTotal": recorder.without_usage_total,
+        "tokensGeneratedTotal": recorder.completion_tokens_total,
+        "promptTokensTotal": recorder.prompt_tokens_total,
+        "backendHealth": dict(health),
+        "draining": snap.draining,
+        "modelsDown": models_down,
+    }
+
+
+def usage_body(recorder: Recorder, limit: int) -> list[dict[str, object]]:
+    """
+    The newest ``limit`` finished requests, newest first, JSON-ready.
+
+    Paths lose their query string here: queries can carry user text.
+    """
+    if limit <= 0:
+        return []
+    return [_usage_entry(r) for r in itertools.islice(reversed(recorder.ring), limit)]
+
+
+def _swap_entry(event: SwapEvent) -> dict[str, object]:
+    return {
+        "group": event.group,
+        "from": event.from_model,
+        "to": event.to_model,
+        "result": event.result,
+        "error": event.error,
+        "durationMs": ms(event.duration),
+        "startedAt": iso(event.started_at),
+        "at": iso(event.started_at + event.duration),
+    }
+
+
+def _usage_entry(record: UsageRecord) -> dict[str, object]:
+    usage = record.usage
+    path = record.path.split("?", 1)[0].split("#", 1)[0]
+    entry: dict[str, object] = {
+        "id": record.id,
+        "model": record.model,
+        "method": record.method,
+        "path": path,
+        "status": record.status,
+        "stream": record.stream,
+        "arrivedAt": iso(record.arrived_at),
+        "queueWaitMs": ms(record.queue_wait),
+        "waitedForSwap": record.waited_for_swap,
+        "ttfbMs": ms(record.ttfb),
+        "durationMs": ms(record.duration),
+        "promptTokens": None,
+        "cachedTokens": None,
+        "completionTokens": None,
+        "genTokS": None,
+        "genTokSSource": None,
+        "promptTokS": None,
+        "usageSource": None,
+        "outcome": record.outcome,
+    }
+    if usage is not None:
+        entry["promptTokens"] = usage.prompt_tokens
+        entry["cachedTokens"] = usage.cached_tokens
+        entry["completionTokens"] = usage.completion_tokens
+        entry["genTokS"] = _round(usage.gen_tok_s)
+        entry["genTokSSource"] = usage.timed_by if usage.gen_tok_s is not None else None
+        entry["promptTokS"] = _round(usage.prompt_tok_s)
+        entry["usageSource"] = usage.source
+    return entry
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 3)

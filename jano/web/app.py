@@ -1,0 +1,262 @@
+"""
+Stage 1, in: one class-based Klein app serves every route.
+
+Jano's own routes (``/health``, ``/status``, ``/usage``, ``/metrics``, the
+model lists, the dashboard) are ordinary Klein routes.  Everything else
+reaches :meth:`JanoApp.forward`, a catch-all branch route that routes the
+request to a model (:mod:`jano.routing`) and hands it to an
+:class:`jano.forward.Exchange`, whose Deferred Klein holds until the last
+byte (and cancels if the client leaves first).
+
+The app is also the live state the routes read (models, keys, the
+telemetry): a config reload sets these attributes in place.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+from werkzeug.exceptions import NotFound
+
+from jano import __version__
+from jano.errors import Refusal, error_body
+from jano.forward import Exchange, Forwarder
+from jano.records import ModelSpec, iso
+from jano.routing import MODEL_HEADER, Routed, route
+from jano.telemetry import Telemetry
+from jano.web import dashboard
+from jano.web.site import UNAUTHORIZED, bearer_ok
+
+#: Paths Jano answers itself: another method on them gets 405, never the backend.
+OWN_ROUTES = frozenset({b"/health", b"/status", b"/usage", b"/metrics", b"/ui",
+                        b"/v1/models", b"/api/tags"})
+
+_BAD_PATH = Refusal(400, "invalid path", "invalid_request_error", "bad_request")
+_DRAINING = Refusal(503, "Jano is shutting down", "unavailable_error", "draining")
+
+
+def local_path(request: Request) -> bytes:
+    """
+    The raw path below wherever Jano is mounted (it may be ``putChild``-ed
+    under a prefix; :class:`Mount` records how deep).
+    """
+    depth = getattr(request, "jano_depth", 0)
+    if not depth:
+        return request.path
+    return b"/" + b"/".join(request.path.split(b"/")[1 + depth:])
+
+
+def _target(request: Request, path: bytes) -> bytes:
+    """Path and query below the mount point, as received: what the upstream gets."""
+    uri = request.uri
+    if getattr(request, "jano_depth", 0):
+        _, q, query = uri.partition(b"?")
+        return path + q + query
+    return uri
+
+
+def _json(request: Request, status: int, obj: object) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _error(request: Request, status: int, message: str, kind: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return error_body(local_path(request), status, message, kind)
+
+
+class Mount(Resource):
+    """
+    The resource Jano is: it notes how deep it is mounted, then lets Klein
+    route.  (Klein moves path segments between ``prepath`` and ``postpath``
+    as it matches; the depth recorded here keeps the raw path recoverable.)
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: "JanoApp") -> None:
+        super().__init__()
+        self.app = app
+        self._klein = app.app.resource()
+
+    def render(self, request: Request) -> Any:
+        depth = len(request.prepath or ())
+        if depth:
+            request.jano_depth = depth  # type: ignore[attr-defined]
+        return self._klein.render(request)
+
+
+class JanoApp:
+    """
+    Jano's routes and the live state they read.
+
+    :param fallback: the loaded model, for requests that name none.
+    """
+
+    app = Klein()
+    app.url_map.merge_slashes = False  # forward "//x" as it came, never redirect it
+
+    def __init__(self, models: tuple[ModelSpec, ...], forwarder: Forwarder,
+                 telemetry: Telemetry, fallback: Callable[[], Optional[ModelSpec]], *,
+                 clock: IReactorTime, api_key: Optional[str] = None,
+                 telemetry_key: Optional[str] = None, started_at: float = 0.0,
+                 usage_ring: int = 1000, thrash_swaps_per_hour: int = 20) -> None:
+        self.forwarder = forwarder
+        self.telemetry = telemetry
+        self.fallback = fallback
+        self.clock = clock
+        self.api_key = api_key
+        self.telemetry_key = telemetry_key
+        self.started_at = started_at
+        self.usage_ring = usage_ring
+        self.thrash_swaps_per_hour = thrash_swaps_per_hour
+        self.draining = False
+        self.set_models(models)
+
+    def set_models(self, models: tuple[ModelSpec, ...]) -> None:
+        self.models = models
+        self.by_name = {m.name: m for m in models}
+
+    def resource(self) -> IResource:
+        return Mount(self)
+
+    def _denied(self, request: Request, key: Optional[str]) -> Optional[bytes]:
+        if bearer_ok(request.requestHeaders, key):
+            return None
+        request.setHeader(b"www-authenticate", b'Bearer realm="jano"')
+        return _error(request, 401, "missing or wrong bearer token", "authentication_error")
+
+    # --- Jano's own routes --------------------------------------------------------------
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: Request) -> bytes:
+        return _json(request, 200, {"status": "ok", "version": __version__,
+                                    "draining": self.draining})
+
+    @app.route("/status", methods=["GET", "HEAD"])
+    def status(self, request: Request) -> bytes:
+        denied = self._denied(request, self.telemetry_key)
+        if denied:
+            return denied
+        body = self.telemetry.status()
+        body["thrashSwapsPerHour"] = self.thrash_swaps_per_hour
+        return _json(request, 200, body)
+
+    @app.route("/usage", methods=["GET", "HEAD"])
+    def usage(self, request: Request) -> bytes:
+        denied = self._denied(request, self.telemetry_key)
+        if denied:
+            return denied
+        ring = self.usage_ring
+        raw = (request.args or {}).get(b"limit", [b"50"])
+        try:
+            if len(raw) != 1:
+                raise ValueError
+            limit = int(raw[0].decode("ascii"), 10)
+            if not 1 <= limit <= ring:
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            return _json(request, 400, {"error": {
+                "message": f"limit must be a single whole number from 1 to {ring}",
+                "type": "invalid_request_error", "code": 400}})
+        return _json(request, 200, {"data": self.telemetry.usage(limit), "limit": limit})
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: Request) -> bytes:
+        denied = self._denied(request, self.telemetry_key)
+        if denied:
+            return denied
+        accept = request.getHeader(b"accept")
+        ctype, body = self.telemetry.metrics(accept.decode("latin-1") if accept else None)
+        request.setHeader(b"content-type", ctype.encode())
+        return body
+
+    @app.route("/v1/models", methods=["GET", "HEAD"])
+    def openai_models(self, request: Request) -> bytes:
+        denied = self._denied(request, self.api_key)
+        if denied:
+            return denied
+        created = int(self.started_at)
+        return _json(request, 200, {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": created, "owned_by": "jano"}
+            for m in self.models]})
+
+    @app.route("/api/tags", methods=["GET", "HEAD"])
+    def ollama_tags(self, request: Request) -> bytes:
+        denied = self._denied(request, self.api_key)
+        if denied:
+            return denied
+        when = iso(self.started_at)
+        return _json(request, 200, {"models": [
+            {"name": m.name, "model": m.name, "modified_at": when} for m in self.models]})
+
+    # --- the dashboard: the page is public, its data routes are guarded -------------------
+
+    @app.route("/ui", methods=["GET", "HEAD"])
+    def dashboard_page(self, request: Request) -> bytes:
+        return dashboard.page(request, "index.html")
+
+    @app.route("/ui/", methods=["GET", "HEAD"])
+    def dashboard_slash(self, request: Request) -> bytes:
+        return dashboard.to_page(request)
+
+    @app.route("/ui/<name>", methods=["GET", "HEAD"])
+    def dashboard_asset(self, request: Request, name: str) -> bytes:
+        return dashboard.page(request, name)
+
+    # --- everything else goes to a model ------------------------------------------------
+
+    @app.route("/", branch=True)
+    def forward(self, request: Request) -> Any:
+        path = local_path(request)
+        method = request.method
+        if path == b"/" and method in (b"GET", b"HEAD") and b"text/html" in (
+                request.getHeader(b"accept") or b""):
+            return dashboard.page(request, "index.html")  # a browser at Jano's root
+        if path in OWN_ROUTES or path.startswith(b"/ui/"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _error(request, 405, "method not allowed; use GET, HEAD",
+                          "invalid_request_error")
+        fwd = self.forwarder
+        arrived = fwd.clock.seconds()
+        if not bearer_ok(request.requestHeaders, self.api_key):
+            request.setHeader(b"www-authenticate", b'Bearer realm="jano"')
+            fwd.refuse(request, path, UNAUTHORIZED, arrived)
+            return None
+        if b"\x00" in path or b"%00" in path or b".." in path.split(b"/"):
+            fwd.refuse(request, path, _BAD_PATH, arrived)
+            return None
+        body = b""
+        content = request.content
+        if content is not None:
+            content.seek(0)
+            body = content.read()
+        decision = route(method, path, body, request.getHeader(MODEL_HEADER),
+                         self.by_name, self.fallback)
+        if isinstance(decision, Refusal):
+            fwd.refuse(request, path, decision, arrived)
+            return None
+        if self.draining:
+            fwd.refuse(request, path, _DRAINING, arrived, decision.spec.name, retry_after=5.0)
+            return None
+        return self._exchange(request, decision, body, arrived, path)
+
+    def _exchange(self, request: Request, decision: Routed, body: bytes, arrived: float,
+                  path: bytes) -> Deferred[None]:
+        return Exchange(self.forwarder, request, decision.spec, body, decision.admit,
+                        decision.stream_hint, arrived, path, _target(request, path)).start()
+
+    @app.handle_errors(NotFound)
+    def not_routed(self, request: Request, failure: Any) -> Any:
+        # Paths werkzeug's converters cannot match (an empty segment first, say)
+        # are still the backend's business.
+        return self.forward(request)
