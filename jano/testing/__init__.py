@@ -10,8 +10,8 @@ Public test helpers: Jano's tests use them, and so can yours.
   testing swap scripts' handling without real processes.
 """
 
-from jano.testing._process import ANY, FakeProcess, FakeProcessReactor
 from jano.demo import FakeModelServer, SeenRequest, SimulatedSwapper
+from jano.testing._process import ANY, FakeProcess, FakeProcessReactor
 
 __all__ = ["ANY", "FakeModelServer", "FakeProcess", "FakeProcessReactor", "SeenRequest",
            "SimulatedSwapper"]

@@ -92,7 +92,7 @@ def test_hang_up_and_fail_after_over_a_real_socket(fake_port: int) -> None:
     conn, response = post(fake_port, "/v1/chat/completions",
                           {"max_tokens": 1000, "stream": True}, {"X-Fake-Delay-Ms": "20"})
     assert response.read1(65536).count(b"data: ") >= 1
-    conn.sock.close()  # type: ignore[union-attr]
+    conn.sock.close()
     conn.close()
     deadline = time.monotonic() + 10
     while stats(fake_port)["disconnected"] != 1:

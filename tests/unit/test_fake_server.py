@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol, TypeVar, cast
 
 import pytest
 from treq.testing import StubTreq
@@ -16,6 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol as BodyProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -23,12 +24,31 @@ from twisted.web.client import ResponseFailed
 from twisted.web.iweb import IResponse
 from twisted.web.server import Site
 
-from jano.records import ModelSpec
 from jano.demo import OLLAMA_LOAD_NS, FakeModelServer, SeenRequest, SimulatedSwapper
+from jano.records import ModelSpec
 
 BASE = "http://fake.invalid"
 MESSAGES = [{"role": "system", "content": "be brief"},
             {"role": "user", "content": "say hello to me"}]  # 6 words
+
+
+T = TypeVar("T")
+
+
+class Client(Protocol):
+    """What these tests use of ``StubTreq``, which sets its methods per instance (untyped)."""
+
+    def get(self, url: str) -> Deferred[IResponse]: ...
+
+    def post(self, url: str, data: bytes, headers: Optional[dict[str, str]] = None
+             ) -> Deferred[IResponse]: ...
+
+    def content(self, response: IResponse) -> Deferred[bytes]: ...
+
+    def collect(self, response: IResponse, collector: Callable[[bytes], None]
+                ) -> Deferred[None]: ...
+
+    def flush(self) -> None: ...
 
 
 class Harness:
@@ -37,11 +57,11 @@ class Harness:
     def __init__(self, **kwargs: Any) -> None:
         self.clock = Clock()
         self.server = FakeModelServer(self.clock, **kwargs)
-        self.treq = StubTreq(self.server.resource())
+        self.treq = cast(Client, StubTreq(self.server.resource()))
 
-    def wait(self, d: "Deferred[Any]", rounds: int = 2000) -> Any:
+    def wait(self, d: Deferred[T], rounds: int = 2000) -> T:
         """Run the fake's clock at the current instant and pump bytes until ``d`` fires."""
-        box: list[Any] = []
+        box: list[T | Failure] = []
         d.addBoth(box.append)
         for _ in range(rounds):
             if box:
@@ -49,9 +69,10 @@ class Harness:
             self.clock.advance(0)
             self.treq.flush()
         assert box, "the deferred never fired"
-        if isinstance(box[0], Failure):
-            box[0].raiseException()
-        return box[0]
+        result = box[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
 
     def post(self, path: str, body: Any, headers: Optional[dict[str, str]] = None
              ) -> tuple[IResponse, bytes]:
@@ -505,20 +526,26 @@ def test_client_disconnect_mid_stream_is_counted_and_stops_the_timer() -> None:
                               "in_progress": 0, "aborted": 0}
 
 
+class HangUp(BodyProtocol):
+    """A response body reader that hangs up on the first bytes, as a closed browser tab does."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        IPushProducer(self.transport).stopProducing()
+
+
 def test_client_going_away_through_treq_is_counted() -> None:
     h = Harness(default_delay=0.05)
     response = h.wait(h.treq.post(BASE + "/v1/chat/completions",
                                   data=b'{"stream": true, "max_tokens": 100}'))
-    received: list[bytes] = []
-
-    def got(data: bytes) -> None:
-        received.append(data)
-        response.original._transport.stopProducing()  # the client hangs up
-
-    d = h.treq.collect(response, got)
-    d.addErrback(lambda _: None)
+    hang_up = HangUp()
+    response.deliverBody(hang_up)
     for _ in range(5):
         h.treq.flush()
+    assert hang_up.received
     assert h.server.stats()["disconnected"] == 1
     assert h.server.in_progress == 0
     assert h.clock.getDelayedCalls() == []
