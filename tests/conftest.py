@@ -39,12 +39,12 @@ def error_observer(request: pytest.FixtureRequest) -> Iterator[list[dict[str, An
         if event.get("log_failure") is not None or event.get("isError"):
             errors.append(event)
 
-    globalLogPublisher.addObserver(observe)
+    globalLogPublisher.addObserver(observe)  # type: ignore[arg-type]
     try:
         yield errors
         gc.collect()  # unhandled errors in Deferreds are reported when collected
     finally:
-        globalLogPublisher.removeObserver(observe)
+        globalLogPublisher.removeObserver(observe)  # type: ignore[arg-type]
     if errors and request.node.get_closest_marker("logs_errors") is None:
         from twisted.logger import formatEvent
 

@@ -79,11 +79,12 @@ class CachedEndpoints:
 def make_pool(reactor: Any, *, persistent: bool = True) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = MAX_IDLE_PER_HOST
-    pool.cachedConnectionTimeout = IDLE_TIMEOUT
+    pool.cachedConnectionTimeout = IDLE_TIMEOUT  # type: ignore[assignment]  # seconds
     pool.retryAutomatically = True  # Twisted retries only idempotent methods, never a POST
     return pool
 
 
 def make_agent(reactor: Any, pool: HTTPConnectionPool) -> IAgent:
     """``Agent`` over ``pool`` with :class:`CachedEndpoints`."""
-    return Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor), pool=pool)
+    agent: IAgent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor), pool=pool)
+    return agent

@@ -86,10 +86,25 @@ def write_error(request: Request, path: bytes, status: int, message: str, kind: 
 
 
 def abort_client(request: Request) -> None:
-    """Drop the client's connection at once, unsent bytes and all."""
+    """Drop the client's connection at once, unsent bytes and all (a client that reads nothing)."""
     transport = request.transport
     if transport is not None:
         cast(ITCPTransport, transport).abortConnection()
+
+
+def cut_client(request: Request, clock: IReactorTime, grace: Optional[float]) -> None:
+    """
+    Close the client's connection once what was relayed is sent, without
+    ending the response: a chunked body with no last chunk, or fewer bytes
+    than its ``Content-Length``, is how HTTP says "truncated".  A client that
+    has not read it all ``grace`` seconds later is dropped.
+    """
+    transport = request.transport
+    if transport is None:
+        return
+    transport.loseConnection()
+    if grace is not None:
+        clock.callLater(grace, abort_client, request)  # a no-op once it is closed
 
 
 class Forwarder:
@@ -317,8 +332,10 @@ class Exchange:
             # ended response would pass the truncation off as complete.
             self.log.warn("{model}: upstream body ended early after {n} bytes; "
                           "dropping the client connection", model=self.spec.name, n=nbytes)
-            self._end("upstream_error")
-            abort_client(self.request)
+            # Klein must not finish the response either: :attr:`done` stays
+            # unfired until the connection is gone (Klein then cancels it).
+            self._end("upstream_error", settle=False)
+            cut_client(self.request, self.fwd.clock, self.fwd.idle_write_timeout)
             return
         self.request.finish()
         usage: Optional[Usage] = None
@@ -345,7 +362,7 @@ class Exchange:
         elif self._tee is not None:
             self._tee.abort()
 
-    def _end(self, outcome: Outcome, usage: Optional[Usage] = None) -> None:
+    def _end(self, outcome: Outcome, usage: Optional[Usage] = None, settle: bool = True) -> None:
         if self.phase == "done":
             return
         self.phase = "done"
@@ -362,7 +379,8 @@ class Exchange:
             queue_wait=ticket.queue_wait if ticket is not None else (0.0 if not self.admit else None),
             waited_for_swap=bool(ticket and ticket.waited_for_swap), ttfb=self.ttfb,
             duration=now - self.arrived_at, usage=usage, outcome=outcome))
-        self._settle()
+        if settle:
+            self._settle()
 
     def _settle(self) -> None:
         # The web layer may have cancelled :attr:`done` when the client left.

@@ -17,7 +17,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.internet.protocol import ServerFactory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from twisted.web.client import URI, Agent, HTTPConnectionPool
@@ -49,7 +48,7 @@ class MemoryAgent:
     Call :meth:`flush` to move bytes (the Deferreds fire as bytes arrive).
     """
 
-    def __init__(self, factory: ServerFactory, *, client_host: str = "127.0.0.1",
+    def __init__(self, factory: IProtocolFactory, *, client_host: str = "127.0.0.1",
                  persistent: bool = False) -> None:
         self.factory = factory
         self.client_host = client_host
@@ -82,7 +81,8 @@ class MemoryAgent:
 
     def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None,
                 bodyProducer: Optional[IBodyProducer] = None) -> "Deferred[IResponse]":
-        return self._agent.request(method, uri, headers, bodyProducer)
+        d: Deferred[IResponse] = self._agent.request(method, uri, headers, bodyProducer)
+        return d
 
     def flush(self) -> None:
         """Move every pending byte both ways, until nothing moves."""
@@ -138,7 +138,7 @@ class MemoryClient:
     ``content``/``collect``/``json_content`` for reading answers.
     """
 
-    def __init__(self, factory: ServerFactory, **kw: Any) -> None:
+    def __init__(self, factory: IProtocolFactory, **kw: Any) -> None:
         from treq.client import HTTPClient
 
         from jano.forward import BytesProducer
@@ -169,13 +169,15 @@ class MemoryClient:
     def content(response: Any) -> "Deferred[bytes]":
         import treq
 
-        return treq.content(response)  # type: ignore[no-any-return]
+        d: Deferred[bytes] = treq.content(response)
+        return d
 
     @staticmethod
     def collect(response: Any, collector: Any) -> "Deferred[None]":
         import treq
 
-        return treq.collect(response, collector)  # type: ignore[no-any-return]
+        d: Deferred[None] = treq.collect(response, collector)
+        return d
 
     @staticmethod
     def json_content(response: Any) -> "Deferred[Any]":

@@ -255,7 +255,7 @@ class JanoApp:
         return Exchange(self.forwarder, request, decision.spec, body, decision.admit,
                         decision.stream_hint, arrived, path, _target(request, path)).start()
 
-    @app.handle_errors(NotFound)
+    @app.handle_errors(NotFound)  # type: ignore[arg-type]
     def not_routed(self, request: Request, failure: Any) -> Any:
         # Paths werkzeug's converters cannot match (an empty segment first, say)
         # are still the backend's business.

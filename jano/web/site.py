@@ -28,7 +28,9 @@ from io import BytesIO
 from typing import Any, Optional, cast
 
 from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
@@ -96,7 +98,7 @@ class JanoRequest(server.Request):
 
     @property
     def site_policy(self) -> "JanoSite":
-        return cast(JanoSite, self.channel.site)
+        return cast(JanoSite, self.channel.site)  # type: ignore[attr-defined]
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BytesIO()
@@ -144,6 +146,7 @@ class JanoRequest(server.Request):
         channel = self.channel
         channel.writeHeaders(b"HTTP/1.1", b"%d" % refusal.status,
                              http.RESPONSES.get(refusal.status, b"Error"), headers)
+        assert channel.transport is not None
         channel.transport.write(body)
         channel.loseConnection()
 
@@ -190,10 +193,11 @@ class JanoChannel(http.HTTPChannel):
         headers = Headers({b"content-type": [b"application/json"],
                            b"content-length": [b"%d" % len(body)], b"connection": [b"close"]})
         self.writeHeaders(b"HTTP/1.1", b"431", b"Request Header Fields Too Large", headers)
+        assert self.transport is not None
         self.transport.write(body)
         self.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.site.connection_closed(self)
 

@@ -42,7 +42,9 @@ class HostAgent:
     def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None
                 ) -> "Deferred[IResponse]":
         self.seen.append((method, uri, headers))
-        return self.agents[urlsplit(uri.decode()).netloc].request(method, uri, headers, bodyProducer)
+        d: Deferred[IResponse] = self.agents[urlsplit(uri.decode()).netloc].request(
+            method, uri, headers, bodyProducer)
+        return d
 
     def flush(self) -> None:
         for agent in self.agents.values():
@@ -97,7 +99,7 @@ class World:
     def direct(self, name: str, method: str, path: str, body: Any) -> tuple[IResponse, bytes]:
         """The same request straight to a fresh twin of fake ``name`` (same ids, same clock)."""
         twin = FakeModelServer(self.clock, models=(name,), **self.fake_kw)
-        stub = StubTreq(twin.resource())
+        stub: Any = StubTreq(twin.resource())
         data = json.dumps(body).encode()
         box: list[Any] = []
         d = stub.request(method, "http://x" + path, data=data)
@@ -120,7 +122,8 @@ class World:
     def usage(self, limit: int = 50) -> list[dict[str, Any]]:
         resp, body = self.call("GET", f"/usage?limit={limit}")
         assert resp.code == 200
-        return json.loads(body)["data"]
+        data: list[dict[str, Any]] = json.loads(body)["data"]
+        return data
 
 
 def hdr(resp: IResponse, name: str) -> Optional[str]:
@@ -208,8 +211,9 @@ class Recorder(Resource):
         self.requests: list[tuple[bytes, bytes, dict[bytes, list[bytes]], bytes]] = []
 
     def render(self, request: Request) -> bytes:
+        assert request.content is not None
         self.requests.append((request.method, request.uri,
-                              dict(request.requestHeaders.getAllRawHeaders()),
+                              {k: list(v) for k, v in request.requestHeaders.getAllRawHeaders()},
                               request.content.read()))
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"connection", b"x-private")
@@ -397,7 +401,7 @@ def test_mounted_under_a_prefix_forwards_the_path_below_it() -> None:
     w = World(agents={HOSTS["a"]: RequestTraversalAgent(rec), HOSTS["b"]: RequestTraversalAgent(rec)})
     root = Resource()
     root.putChild(b"llm", w.svc.resource)
-    client = StubTreq(root)
+    client: Any = StubTreq(root)
     box: list[Any] = []
     client.get("http://host/llm/props?x=1").addBoth(box.append)
     for _ in range(100):
