@@ -4,7 +4,7 @@ The floor: what the least any Twisted proxy can cost on this machine.
 
 ``python3 benchmarks/twisted_floor.py`` runs a bare Twisted TCP relay (no HTTP
 parsing at all: each client connection gets one upstream connection and bytes
-are copied both ways, sent at once with TCP_NODELAY, as Jano sends) in front
+are copied both ways with transport.write and TCP_NODELAY, public API only) in front
 of the same fast fake backend ``run.py`` uses, drives it with the same wrk
 script and streaming driver, and prints its CPU per non-streamed request at
 concurrency 1 and per paced streamed chunk, next to Jano's in the same run.
@@ -30,9 +30,6 @@ HERE = Path(__file__).resolve().parent
 def serve(port: int, upstream_port: int) -> None:
     from twisted.internet import protocol, reactor
 
-    sys.path.insert(0, str(HERE.parent))
-    from jano.writethrough import send_now
-
     class Up(protocol.Protocol):
         def __init__(self, down: "Down") -> None:
             self.down = down
@@ -42,7 +39,7 @@ def serve(port: int, upstream_port: int) -> None:
             self.down.upstream_ready(self)
 
         def dataReceived(self, data: bytes) -> None:
-            send_now(self.down.transport, data)
+            self.down.transport.write(data)
 
         def connectionLost(self, reason: object = None) -> None:
             if self.down.transport is not None:
@@ -59,14 +56,14 @@ def serve(port: int, upstream_port: int) -> None:
         def upstream_ready(self, up: Up) -> None:
             self.up = up
             for data in self.held:
-                send_now(up.transport, data)
+                up.transport.write(data)
             self.held = []
 
         def dataReceived(self, data: bytes) -> None:
             if self.up is None:
                 self.held.append(data)
             else:
-                send_now(self.up.transport, data)
+                self.up.transport.write(data)
 
         def connectionLost(self, reason: object = None) -> None:
             if self.up is not None and self.up.transport is not None:
@@ -83,6 +80,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--serve", nargs=2, type=int, metavar=("PORT", "UPSTREAM_PORT"))
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="also measure the Jano in this checkout (e.g. a worktree of an older "
+                         "commit), in the same rounds, in alternating order")
     args = ap.parse_args()
     if args.serve:
         serve(*args.serve)
@@ -97,9 +97,9 @@ def main() -> int:
     port = R.free_port()
     relay = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(backend.port)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows: dict[str, dict[str, list[float]]] = {"relay": {"req": [], "chunk": []},
-                                               "jano": {"req": [], "chunk": []}}
-    jano = None
+    names = ["relay", "jano"] + (["baseline"] if args.baseline else [])
+    rows: dict[str, dict[str, list[float]]] = {n: {"req": [], "chunk": []} for n in names}
+    jano = base = None
     try:
         deadline = time.monotonic() + 10
         while not R.chat_once(port, timeout=1.0):
@@ -108,7 +108,13 @@ def main() -> int:
             time.sleep(0.05)
         for rnd in range(1, args.rounds + 1):
             jano = R.Jano(tmp, backend.port, rnd)
-            for name, p, pid in (("relay", port, relay.pid), ("jano", jano.port, jano.pid)):
+            targets = [("relay", port, relay.pid), ("jano", jano.port, jano.pid)]
+            if args.baseline:
+                base = R.Jano(tmp, backend.port, 100 + rnd, args.baseline.resolve())
+                targets.append(("baseline", base.port, base.pid))
+                if rnd % 2 == 0:  # alternate which Jano goes first
+                    targets[1], targets[2] = targets[2], targets[1]
+            for name, p, pid in targets:
                 for _ in range(100):
                     R.chat_once(p)
                 c0 = R.cpu_ns(pid)
@@ -121,9 +127,14 @@ def main() -> int:
                 rows[name]["chunk"].append((R.cpu_ns(pid) - c0) / (32 * 64) / 1000)
             jano.stop()
             jano = None
+            if base is not None:
+                base.stop()
+                base = None
     finally:
         if jano is not None:
             jano.stop()
+        if base is not None:
+            base.stop()
         R.stop_process(relay)
         backend.stop()
 
@@ -135,8 +146,10 @@ def main() -> int:
     print()
     print("| process | per non-streamed request, c=1 | per paced streamed chunk |")
     print("|---|---:|---:|")
-    for name, label in (("relay", "bare Twisted TCP relay (the floor)"), ("jano", "Jano")):
-        print(f"| {label} | {cell(rows[name]['req'])} | {cell(rows[name]['chunk'])} |")
+    labels = {"relay": "bare Twisted TCP relay (the floor)", "jano": f"Jano ({HERE.parent})",
+              "baseline": f"Jano ({args.baseline})"}
+    for name in names:
+        print(f"| {labels[name]} | {cell(rows[name]['req'])} | {cell(rows[name]['chunk'])} |")
     return 0
 
 

@@ -147,7 +147,7 @@ async def test_exit_zero_with_argv_and_env(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_python_wrapper_gives_a_group_too(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("jano.swap.shutil.which", lambda name: None)
+    monkeypatch.setattr("jano.swap.swapper.shutil.which", lambda name: None)
     script = write_script(tmp_path / "swap.sh", f"""\
         echo "$$ $(cut -d' ' -f5 /proc/$$/stat) $1" > {tmp_path}/ids
         """)

@@ -30,6 +30,7 @@ from jano.swap import (
     ScriptSwapper,
     SwapCommandError,
     SwapError,
+    SwapScriptProtocol,
     check_swap_command,
     http_probe,
     session_argv,
@@ -140,7 +141,7 @@ def test_default_env_is_jano_environment_at_swap_time(monkeypatch: pytest.Monkey
 
 
 def test_python_wrapper_without_setsid(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("jano.swap.shutil.which", lambda name: None)
+    monkeypatch.setattr("jano.swap.swapper.shutil.which", lambda name: None)
     reactor = FakeProcessReactor()
     d, proc, _ = started(reactor)
     assert proc.executable == sys.executable
@@ -192,6 +193,7 @@ def test_megabytes_without_newline_stay_bounded() -> None:
         for _ in range(5):
             proc.stdout(chunk)
             proc.stderr(chunk)
+            assert isinstance(proc.protocol, SwapScriptProtocol)
             assert proc.protocol.buffered() <= 200
         proc.stdout(b"\nafter\n")
         proc.stderr(b"\nlast words\n")
@@ -537,6 +539,7 @@ def test_two_groups_swap_independently() -> None:
 # --- the fake itself --------------------------------------------------------------
 
 
+@pytest.mark.logs_errors  # a spawnProcess that raises is logged with its traceback
 def test_fake_reactor_is_strict() -> None:
     reactor = FakeProcessReactor()
     reactor.expect_spawn(["/bin/true"], env=ANY)
