@@ -114,3 +114,15 @@ def test_find_config_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def test_example_is_valid_toml_with_documented_sections() -> None:
     doc = tomllib.loads((ROOT / "etc" / "jano.toml").read_text())
     assert {"server", "scheduler", "swap", "telemetry", "models"} <= set(doc)
+
+
+def test_connection_caps_and_idle_timeout_have_safe_defaults_and_are_checked() -> None:
+    srv = parse_config(MINIMAL).server
+    assert (srv.max_connections, srv.max_connections_per_client, srv.idle_timeout) == (2048, 1024, 60.0)
+    srv = parse_config(_with(server={"max_connections": 10, "max_connections_per_client": 2,
+                                     "idle_timeout": 5})).server
+    assert (srv.max_connections, srv.max_connections_per_client, srv.idle_timeout) == (10, 2, 5.0)
+    with pytest.raises(ConfigError, match=r"server.max_connections: expected at least 1"):
+        parse_config(_with(server={"max_connections": 0}))
+    with pytest.raises(ConfigError, match=r"server.idle_timeout"):
+        parse_config(_with(server={"idle_timeout": -1}))

@@ -119,3 +119,16 @@ def test_forwarding_uses_twisteds_agent_over_one_persistent_pool() -> None:
                       probe=_refuse, listen=False)
     assert isinstance(svc.forwarder.agent, Agent)
     assert svc._pools[0].persistent and svc._pools[0].maxPersistentPerHost == 64
+
+
+def test_the_listener_gets_the_configured_limits_and_a_reload_changes_them() -> None:
+    reactor = MemoryReactorClock()
+    server = ServerConfig(max_connections=3, max_connections_per_client=2, idle_timeout=7.0,
+                          api_key="k", max_body_bytes=4096)
+    svc = JanoService(_config(server=server), reactor, swapper=SimulatedSwapper(reactor, {}),
+                      probe=_refuse, listen=False)
+    site = svc.site
+    assert (site.max_connections, site.max_connections_per_client, site.timeOut, site.api_key,
+            site.max_body_bytes) == (3, 2, 7.0, "k", 4096)
+    svc.reload(_config(server=ServerConfig(max_connections=5, api_key=None)))
+    assert site.max_connections == 5 and site.api_key is None and svc.app.api_key is None
