@@ -135,7 +135,7 @@ def request(method: str, url: str, body: Optional[bytes] = None,
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=timeout)
     try:
         conn.request(method, u.path + (f"?{u.query}" if u.query else ""), body=body,
                      headers=headers or {})

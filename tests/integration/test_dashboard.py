@@ -143,7 +143,7 @@ def test_dashboard_shows_the_demo_box_live(tmp_path: Path, browser: Any) -> None
                                      "to": "demo-chat", "from": "demo-coder",
                                      "startedAt": st["recentSwaps"][0]["at"]})
         st["recentGenTokS"] = None
-        row = {k: None for k in ("queueWaitMs", "ttfbMs", "durationMs", "promptTokens",
+        row: dict[str, Any] = {k: None for k in ("queueWaitMs", "ttfbMs", "durationMs", "promptTokens",
                                  "cachedTokens", "completionTokens", "genTokS", "genTokSSource",
                                  "promptTokS", "usageSource")}
         row.update(id=99, model="demo-chat", method="POST", path="/v1/chat/completions",

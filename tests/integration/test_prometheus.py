@@ -27,12 +27,14 @@ def _query(prom: str, expr: str) -> list[dict[str, Any]]:
     assert status == 200, body
     data = json.loads(body)
     assert data["status"] == "success"
-    return data["data"]["result"]
+    result: list[dict[str, Any]] = data["data"]["result"]
+    return result
 
 
 def test_shipped_scrape_config_is_valid() -> None:
     promtool = shutil.which("promtool")
     require(promtool is not None, "promtool (Debian package prometheus) is not installed")
+    assert promtool is not None
     res = subprocess.run([promtool, "check", "config", str(ROOT / "etc" / "prometheus.yml")],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -73,6 +75,7 @@ scrape_configs:
       - targets: ["127.0.0.1:{jano.port}"]
 """)
     log = tmp_path / "prometheus.log"
+    assert prometheus is not None
     with open(log, "wb") as out:
         popen = subprocess.Popen([prometheus, f"--config.file={cfg}",
                                   f"--storage.tsdb.path={tmp_path / 'data'}",

@@ -34,7 +34,8 @@ def _open_stream(url: str, body: dict[str, object], headers: dict[str, str]) -> 
 
 
 def _usage(url: str, n: int = 1) -> list[dict[str, object]]:
-    return json.loads(get(f"{url}/usage?limit={n}")[2])["data"]
+    data: list[dict[str, object]] = json.loads(get(f"{url}/usage?limit={n}")[2])["data"]
+    return data
 
 
 def test_client_that_stops_reading_is_dropped_and_frees_the_upstream(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import shutil
 import signal
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar, cast
 
 import pytest
 import pytest_twisted
@@ -24,6 +24,13 @@ from twisted.web.server import Request, Site
 
 from jano.records import ModelSpec
 from jano.swap import ScriptSwapper, SwapError, http_probe
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def ensure_deferred(f: _F) -> _F:
+    """pytest-twisted's decorator, typed (the package ships no type hints)."""
+    return cast(_F, pytest_twisted.ensureDeferred(f))
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +124,7 @@ def read_pid(path: Path) -> int:
 # --- ScriptSwapper with real processes ----------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_exit_zero_with_argv_and_env(tmp_path: Path) -> None:
     script = write_script(tmp_path / "swap.sh", f"""\
         printf '%s\\n' "$0" "$@" > {tmp_path}/argv
@@ -144,7 +151,7 @@ async def test_exit_zero_with_argv_and_env(tmp_path: Path) -> None:
     assert lines == [("stderr", "stdin is closed"), ("stdout", "switched to llama-8b")]
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_python_wrapper_gives_a_group_too(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("jano.swap.swapper.shutil.which", lambda name: None)
@@ -157,7 +164,7 @@ async def test_python_wrapper_gives_a_group_too(tmp_path: Path,
     assert (pid == pgid, model) == (True, "llama-8b")
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_exit_three_reports_last_stderr_line(tmp_path: Path) -> None:
     script = write_script(tmp_path / "swap.sh", """\
         echo "looking in /models" >&2
@@ -177,7 +184,7 @@ async def test_exit_three_reports_last_stderr_line(tmp_path: Path) -> None:
     assert probed == []
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_missing_program_fails_cleanly(tmp_path: Path) -> None:
     error = swap_error(await run(swapper([str(tmp_path / "nope.sh")]).swap("gpu0", None, TARGET)))
     assert error.result == "failed"
@@ -185,7 +192,7 @@ async def test_missing_program_fails_cleanly(tmp_path: Path) -> None:
     assert "nope.sh" in error.cause
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_timeout_kills_script_and_child(tmp_path: Path) -> None:
     script = write_script(tmp_path / "swap.sh", f"""\
         echo $$ > {tmp_path}/script.pid
@@ -202,7 +209,7 @@ async def test_timeout_kills_script_and_child(tmp_path: Path) -> None:
     assert await wait_gone(read_pid(tmp_path / "child.pid"))
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_timeout_sigkill_when_term_is_ignored(tmp_path: Path) -> None:
     script = write_script(tmp_path / "swap.sh", f"""\
         trap '' TERM
@@ -228,7 +235,7 @@ async def test_timeout_sigkill_when_term_is_ignored(tmp_path: Path) -> None:
     assert await wait_gone(read_pid(tmp_path / "child.pid"))
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_five_megabytes_of_output(tmp_path: Path) -> None:
     script = write_script(tmp_path / "swap.sh", """\
         head -c 5000000 /dev/zero | tr '\\000' x
@@ -243,7 +250,7 @@ async def test_five_megabytes_of_output(tmp_path: Path) -> None:
                      ("stderr", "y" * 4096, True)]
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_daemon_holding_the_pipes_is_left_alone(tmp_path: Path) -> None:
     script = write_script(tmp_path / "swap.sh", f"""\
         sleep 600 &
@@ -295,7 +302,7 @@ def _http_client() -> Any:
     return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_ready_through_http_probe(tmp_path: Path) -> None:
     health = _Health([503, 503, 200])
     port, url = _listen(health)
@@ -310,7 +317,7 @@ async def test_ready_through_http_probe(tmp_path: Path) -> None:
         await port.stopListening()
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_not_ready_through_http_probe(tmp_path: Path) -> None:
     health = _Health([503] * 1000)
     port, url = _listen(health)
@@ -326,7 +333,7 @@ async def test_not_ready_through_http_probe(tmp_path: Path) -> None:
         await port.stopListening()
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_http_probe_connection_refused() -> None:
     port, url = _listen(_Health([]))
     await port.stopListening()  # nothing listens there now
@@ -338,7 +345,7 @@ async def test_http_probe_connection_refused() -> None:
     assert "refused" in str(info.value).lower() or "ConnectError" in type(info.value).__name__
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_cancel_kills_the_running_script(tmp_path: Path) -> None:
     script = write_script(tmp_path / "swap.sh", f"""\
         echo $$ > {tmp_path}/script.pid
@@ -425,7 +432,7 @@ async def _run_script(name: str, upstream: str, previous: Optional[str], model: 
     return await run(s.swap("gpu0", prev, target))
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_ollama_script_unloads_then_preloads() -> None:
     loaded = {"gemma3-270m"}
     fake = _Recorder(_ollama(loaded, {"gemma3-270m", "gemma3-270m-q8"}))
@@ -441,7 +448,7 @@ async def test_ollama_script_unloads_then_preloads() -> None:
     assert loaded == {"gemma3-270m-q8"}
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_ollama_script_unknown_previous_and_unknown_model() -> None:
     loaded = {"a:latest"}
     fake = _Recorder(_ollama(loaded, {"a:latest"}))
@@ -458,7 +465,7 @@ async def test_ollama_script_unknown_previous_and_unknown_model() -> None:
                            "Ollama could not load nope (HTTP 404): model 'nope' not found")
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_ollama_script_unreachable() -> None:
     port, url = _listen(_Recorder(lambda *a: (500, b"{}")))
     await port.stopListening()
@@ -499,7 +506,7 @@ def _router(status: dict[str, str]) -> Callable[[str, str, Any], tuple[int, byte
     return handle
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_router_script_swaps_and_waits_for_loaded() -> None:
     status = {"gemma3-270m-q4": "loaded", "gemma3-270m-q8": "unloaded"}
     fake = _Recorder(_router(status))
@@ -517,7 +524,7 @@ async def test_router_script_swaps_and_waits_for_loaded() -> None:
         assert status == {"gemma3-270m-q4": "unloaded", "gemma3-270m-q8": "loaded"}
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_router_script_ignores_not_running_and_already_running() -> None:
     status = {"q4": "unloaded", "q8": "loaded"}
     fake = _Recorder(_router(status))
@@ -532,7 +539,7 @@ async def test_router_script_ignores_not_running_and_already_running() -> None:
     assert "q8 is already running" in lines
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_router_script_unknown_model() -> None:
     port, url = _listen(_Recorder(_router({"q4": "loaded"})))
     try:
@@ -543,7 +550,7 @@ async def test_router_script_unknown_model() -> None:
                            "the router does not know model q9 (HTTP 404)")
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_systemd_script_with_a_stub_systemctl(tmp_path: Path) -> None:
     log = tmp_path / "calls"
     stub = write_script(tmp_path / "systemctl", f"""\
@@ -574,7 +581,7 @@ async def test_systemd_script_with_a_stub_systemctl(tmp_path: Path) -> None:
                            "llama-server@broken.service)")
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_pidfile_script_replaces_the_server(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()

@@ -21,7 +21,7 @@ MINIMAL = {
 
 
 def _with(**patch: object) -> dict[str, object]:
-    doc = {k: v for k, v in MINIMAL.items()}
+    doc: dict[str, object] = {k: v for k, v in MINIMAL.items()}
     doc.update(patch)
     return doc
 
