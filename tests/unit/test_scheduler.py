@@ -98,7 +98,9 @@ class Result:
     def failed_with(self, kind: type[BaseException]) -> BaseException:
         assert self.fired == 1 and isinstance(self.value, Failure), self.value
         assert self.value.check(kind), self.value
-        return self.value.value
+        exc = self.value.value
+        assert exc is not None
+        return exc
 
 
 class Rig:
@@ -479,7 +481,9 @@ def test_a_swapper_that_raises_is_a_failed_swap() -> None:
     assert [(e.result, e.error) for e in events] == [("failed", "no script")]
 
 
-def test_an_on_swap_that_raises_does_not_wedge_the_scheduler() -> None:
+@pytest.mark.logs_errors
+def test_an_on_swap_that_raises_does_not_wedge_the_scheduler(
+        error_observer: list[dict[str, Any]]) -> None:
     clock = Clock()
     swapper = FakeSwapper()
 
@@ -491,6 +495,7 @@ def test_an_on_swap_that_raises_does_not_wedge_the_scheduler() -> None:
     clock.advance(0)
     swapper.last().succeed()
     assert r.ticket.model == "A"
+    assert [e["log_format"] for e in error_observer] == ["on_swap failed for {group}"]
 
 
 # --- always_on, groups --------------------------------------------------------------------------
@@ -622,7 +627,10 @@ def test_drain_waits_for_in_flight_and_can_be_cancelled() -> None:
     rig = Rig([spec("A")], initial={"gpu": "A"})
     a = rig.admit("A")
     d = rig.s.drain()
+    cancelled: list[Failure] = []
+    d.addErrback(cancelled.append)
     d.cancel()
+    assert len(cancelled) == 1 and cancelled[0].check(CancelledError)
     rig.s.release(a.ticket)  # the cancelled drain is forgotten, not fired twice
     got: list[Any] = []
     rig.s.drain().addBoth(got.append)

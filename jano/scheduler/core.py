@@ -1,0 +1,233 @@
+"""
+The :class:`Scheduler`: the seam the web layer calls (``admit``, ``release``,
+``snapshot``, ``drain``, ``reconfigure``) and the configuration tables, on top
+of :class:`jano.scheduler.policy.Policy`, which decides and acts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Sequence
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+
+from jano.errors import Draining, ModelUnavailable, QueueFull
+from jano.interfaces import Swapper
+from jano.records import GroupState, ModelSpec, SchedulerSnapshot, SwapEvent
+from jano.scheduler.policy import Policy
+from jano.scheduler.state import (
+    Group,
+    Model,
+    Ticket,
+    Waiter,
+    estimate_retry_after,
+    ewma,
+    model_state,
+)
+
+__all__ = ["Scheduler"]
+
+
+class Scheduler(Policy):
+    """
+    Per-model FIFO queues, per-group slots, the collation policy and the
+    starvation guard (see :mod:`jano.scheduler`).
+
+    :param models: every configured model.
+    :param swapper: runs swaps; a public attribute, replaced on reload.
+    :param clock: the only source of time and timers.
+    :param max_wait: seconds a request may wait before the starvation guard
+        stops the resident model from taking newer requests.
+    :param max_queue: live waiters per model before :class:`QueueFull`.
+    :param retry_backoff: seconds a model stays down after a failed swap.
+    :param initial: group name to the model known to be resident at start-up.
+    :param on_swap: called once with a :class:`SwapEvent` when any swap attempt ends.
+    """
+
+    def __init__(self, models: Sequence[ModelSpec], swapper: Swapper, clock: IReactorTime, *,
+                 max_wait: float = 120.0, max_queue: int = 256, retry_backoff: float = 5.0,
+                 initial: Optional[Mapping[str, str]] = None,
+                 on_swap: Optional[Callable[[SwapEvent], None]] = None) -> None:
+        super().__init__(swapper, clock, max_wait=max_wait, retry_backoff=retry_backoff,
+                         on_swap=on_swap)
+        self.max_queue = max_queue
+        #: Removed models that still have requests in flight.
+        self._retired: dict[str, Model] = {}
+        self._install(models)
+        for group_name, model_name in (initial or {}).items():
+            m = self._models.get(model_name)
+            if m is None or m.group is None:
+                self.log.warn("initial model {model} for group {group} is not a swappable "
+                              "configured model; the slot stays unknown",
+                              model=model_name, group=group_name)
+                continue
+            if m.group.name != group_name and group_name:
+                self.log.warn("initial model {model} is in group {actual}, not {group}",
+                              model=model_name, actual=m.group.name, group=group_name)
+            m.group.resident = m
+
+    # --- the seam --------------------------------------------------------------------------
+
+    def admit(self, model: str) -> Deferred[Ticket]:
+        """
+        Queue a request for ``model``.
+
+        :raises KeyError: when ``model`` is not configured.
+        :return: fires with a :class:`Ticket` when the request may be forwarded;
+            fails with :class:`QueueFull`, :class:`ModelUnavailable` or
+            :class:`Draining`.  Cancel it when the client goes away.
+        """
+        m = self._models[model]
+        if self._draining:
+            return fail(Draining("Jano is shutting down"))
+        now = self.clock.seconds()
+        if m.down_until is not None:
+            if now < m.down_until:
+                return fail(ModelUnavailable(model, m.down_reason or "swap failed",
+                                             m.down_until - now))
+            m.down_until = None
+            m.down_reason = None
+        if m.live >= self.max_queue:
+            retry_after = estimate_retry_after(m)
+            self.log.info("queue for {model} is full ({queued} waiting): retry after {retry_after:.0f}s",
+                          model=model, queued=m.live, retry_after=retry_after)
+            return fail(QueueFull(model, retry_after))
+        self._seq += 1
+        w = Waiter(m, Ticket(model, now), self._seq, m.group)
+        m.queue.append(w)
+        m.live += 1
+        self._touch(m)
+        self._run()
+        return w.deferred
+
+    def release(self, ticket: Ticket) -> None:
+        """The forwarded request ended (any way): free its slot and re-evaluate."""
+        m = self._owner.pop(ticket, None)
+        if m is None:
+            self.log.warn("release of a ticket for {model} that is not in flight (released twice?)",
+                          model=ticket.model)
+            return
+        m.in_flight -= 1
+        if ticket.dispatched_at is not None:
+            m.service_mean = ewma(m.service_mean, self.clock.seconds() - ticket.dispatched_at)
+        if m.removed and m.in_flight == 0:
+            self._retired.pop(m.name, None)
+        self._touch(m)
+        self._run()
+
+    def snapshot(self) -> SchedulerSnapshot:
+        """Everything telemetry shows about queues, slots and swaps, right now."""
+        now = self.clock.seconds()
+        residents = {id(g.resident) for g in self._groups.values() if g.resident is not None}
+        models = [model_state(m, now, residents) for m in self._models.values()]
+        models += [model_state(m, now, residents) for m in self._retired.values()]
+        groups = tuple(
+            GroupState(
+                name=g.name,
+                resident=g.resident.name if g.resident is not None else None,
+                loaded_at=g.loaded_at,
+                swapping_to=g.swapping_to.name if g.swapping_to is not None else None,
+                swap_started_at=g.swap_started_at,
+            )
+            for g in self._groups.values()
+        )
+        return SchedulerSnapshot(at=now, models=tuple(models), groups=groups,
+                                 draining=self._draining)
+
+    def drain(self) -> Deferred[None]:
+        """
+        Stop admitting and start no new swap; fail every queued waiter with
+        :class:`Draining`.
+
+        :return: fires when nothing is in flight and no swap runs.  Cancelling
+            it only stops the wait.
+        """
+        if not self._draining:
+            self._draining = True
+            failed = 0
+            for m in self._models.values():
+                for w in m.take_live():
+                    self._fail_waiter(w, Draining("Jano is shutting down"))
+                    failed += 1
+            for g in self._groups.values():
+                g.latch = None
+                self._set_timer(g, None)
+                self._cancel_swap_call(g)
+            self.log.info("draining: {failed} queued requests refused, {in_flight} in flight",
+                          failed=failed, in_flight=len(self._owner))
+
+        def forget(d: Deferred[None]) -> None:
+            if d in self._drain_waiters:
+                self._drain_waiters.remove(d)
+
+        d: Deferred[None] = Deferred(forget)
+        self._drain_waiters.append(d)
+        self._run()
+        return d
+
+    def reconfigure(self, models: Sequence[ModelSpec], *, max_wait: float, max_queue: int) -> None:
+        """
+        Apply a reloaded configuration.  Queued and in-flight requests of models
+        that still exist are kept; waiters of removed models fail with
+        :class:`ModelUnavailable`.  A model that leaves its group (removed,
+        moved, made always_on) while resident keeps the slot until its
+        in-flight requests end; the slot is unknown after that.
+        """
+        self.max_wait = max_wait
+        self.max_queue = max_queue
+        wanted = {spec.name for spec in models}
+        for name in [n for n in self._models if n not in wanted]:
+            m = self._models.pop(name)
+            m.removed = True
+            for w in m.take_live():
+                self._fail_waiter(w, ModelUnavailable(name, "model removed from configuration",
+                                                      self.retry_backoff))
+            if m.in_flight:
+                self._retired[name] = m
+            self.log.info("model {model} removed from configuration ({in_flight} in flight)",
+                          model=name, in_flight=m.in_flight)
+        self._install(models)
+        for g in self._groups.values():
+            self._dirty[g] = None
+        for m in self._models.values():
+            self._touch(m)
+        self._run()
+
+    # --- configuration -------------------------------------------------------------------------
+
+    def _install(self, specs: Sequence[ModelSpec]) -> None:
+        """(Re)build the name and group tables from ``specs``, keeping existing records."""
+        ordered: dict[str, Model] = {}
+        for spec in specs:
+            m = self._models.get(spec.name)
+            if m is None:
+                m = self._retired.pop(spec.name, None)
+                if m is not None:
+                    m.removed = False
+                else:
+                    m = Model(spec, self._waiter_cancelled)
+            m.spec = spec
+            if spec.always_on:
+                m.group = None
+            else:
+                g = self._groups.get(spec.group)
+                if g is None:
+                    g = self._groups[spec.group] = Group(spec.group)
+                m.group = g
+            ordered[spec.name] = m
+        self._models = ordered
+        for g in self._groups.values():
+            g.members = [m for m in ordered.values() if m.group is g]
+        for name in [n for n, g in self._groups.items()
+                     if not g.members and g.resident is None and g.swapping_to is None]:
+            g = self._groups.pop(name)
+            self._set_timer(g, None)
+            self._cancel_swap_call(g)
+
+
+    def __repr__(self) -> str:
+        groups = ", ".join(
+            f"{g.name}={g.resident.name if g.resident else None}"
+            + (f"->{g.swapping_to.name}" if g.swapping_to else "")
+            for g in self._groups.values())
+        return f"<Scheduler {groups} queued={sum(m.live for m in self._models.values())}>"

@@ -1,0 +1,222 @@
+"""
+The scheduler's records: the :class:`Ticket` it hands out, and the mutable
+records it keeps of each waiter, model and swap group, with the estimates and
+views computed from them.
+
+Only :class:`Ticket` and the constants are public (re-exported by
+:mod:`jano.scheduler`); the records are the scheduler's own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+
+from jano.records import ModelSpec, ModelState
+
+__all__ = [
+    "DEFAULT_RETRY_AFTER",
+    "EWMA_WEIGHT",
+    "RETRY_AFTER_MAX",
+    "RETRY_AFTER_MIN",
+    "Group",
+    "Key",
+    "Model",
+    "Ticket",
+    "Waiter",
+    "WaiterState",
+    "ewma",
+    "model_state",
+    "estimate_retry_after",
+]
+
+#: Retry-After (seconds) for :class:`QueueFull` before any service time was observed.
+DEFAULT_RETRY_AFTER = 5.0
+#: Bounds of every Retry-After estimate (seconds).
+RETRY_AFTER_MIN = 1.0
+RETRY_AFTER_MAX = 600.0
+#: Weight of the newest observation in the running means of service and swap times.
+EWMA_WEIGHT = 0.2
+
+
+@dataclass(eq=False)
+class Ticket:
+    """
+    One admitted request.  Hand it back to :meth:`Scheduler.release` exactly
+    once, when the forwarded request has ended in any way.
+
+    Compared by identity: two requests with equal fields are still two tickets.
+    """
+
+    model: str
+    arrived_at: float
+    dispatched_at: Optional[float] = None
+    #: A swap of the model's group ran (or was running) between arrival and dispatch.
+    waited_for_swap: bool = False
+
+    @property
+    def queue_wait(self) -> Optional[float]:
+        """Seconds between arrival and dispatch; ``None`` until dispatched."""
+        if self.dispatched_at is None:
+            return None
+        return self.dispatched_at - self.arrived_at
+
+
+# --- internal state ----------------------------------------------------------------------
+
+WaiterState = Literal["queued", "dispatching", "failing", "done", "cancelled"]
+#: Total order of arrivals: arrival time, then admission sequence number.
+Key = tuple[float, int]
+
+
+class Waiter:
+    """One queued request: its Ticket-to-be and the Deferred the caller holds."""
+
+    __slots__ = ("model", "ticket", "seq", "deferred", "state", "group", "swap_mark", "error")
+
+    def __init__(self, model: Model, ticket: Ticket, seq: int,
+                 group: Optional[Group]) -> None:
+        self.model = model
+        self.ticket = ticket
+        self.seq = seq
+        self.deferred: Deferred[Ticket] = Deferred(self._cancel)
+        self.state: WaiterState = "queued"
+        self.group = group
+        #: ``group.swaps_started`` at arrival, minus one if a swap was running then.
+        self.swap_mark = 0
+        if group is not None:
+            self.swap_mark = group.swaps_started - (1 if group.swapping_to is not None else 0)
+        self.error: Optional[Exception] = None
+
+    @property
+    def key(self) -> Key:
+        return (self.ticket.arrived_at, self.seq)
+
+    def _cancel(self, _: Deferred[Ticket]) -> None:
+        self.model.on_cancel(self)
+
+
+class Model:
+    """The scheduler's mutable record of one model."""
+
+    __slots__ = ("on_cancel", "spec", "queue", "live", "in_flight", "group", "down_until",
+                 "down_reason", "removed", "service_mean")
+
+    def __init__(self, spec: ModelSpec, on_cancel: Callable[[Waiter], None]) -> None:
+        #: Called when the caller cancels a waiter's Deferred (the scheduler's bookkeeping).
+        self.on_cancel = on_cancel
+        self.spec = spec
+        #: FIFO of waiters; cancelled ones stay until they reach the head (lazy removal).
+        self.queue: deque[Waiter] = deque()
+        #: Waiters in ``queue`` that are still ``queued``.
+        self.live = 0
+        self.in_flight = 0
+        #: ``None`` for always_on models.
+        self.group: Optional[Group] = None
+        self.down_until: Optional[float] = None
+        self.down_reason: Optional[str] = None
+        #: No longer configured; kept only while requests are in flight.
+        self.removed = False
+        self.service_mean: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def head(self) -> Optional[Waiter]:
+        """The oldest live waiter, dropping cancelled ones from the front."""
+        q = self.queue
+        while q and q[0].state != "queued":
+            q.popleft()
+        return q[0] if q else None
+
+    def forget_cancelled(self) -> None:
+        """Keep the deque within a constant factor of the live count (amortised O(1))."""
+        if self.live == 0:
+            self.queue.clear()
+        elif len(self.queue) > 2 * self.live + 16:
+            self.queue = deque(w for w in self.queue if w.state == "queued")
+
+    def take_live(self) -> list[Waiter]:
+        """Remove and return every live waiter."""
+        waiters = [w for w in self.queue if w.state == "queued"]
+        self.queue.clear()
+        self.live = 0
+        return waiters
+
+
+class Group:
+    """One swap group's slot."""
+
+    __slots__ = ("name", "members", "resident", "loaded_at", "load_seq", "swapping_to",
+                 "swap_started_at", "swap_token", "swaps_started", "latch", "timer",
+                 "swap_mean", "swap_call", "swap_ready")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: Swappable, configured models of this group, in configuration order.
+        self.members: list[Model] = []
+        #: May name a model that left the group (removed, moved, made always_on)
+        #: while it still has requests in flight; the slot becomes unknown after.
+        self.resident: Optional[Model] = None
+        self.loaded_at: Optional[float] = None
+        #: Waiters with a smaller sequence number were queued when the resident
+        #: was loaded: its backlog, which the starvation guard never holds back.
+        self.load_seq = 0
+        self.swapping_to: Optional[Model] = None
+        self.swap_started_at: Optional[float] = None
+        self.swap_token = 0
+        self.swaps_started = 0
+        #: Key of the overdue waiter that engaged the starvation guard.
+        self.latch: Optional[Key] = None
+        self.timer: Optional[IDelayedCall] = None
+        self.swap_mean: Optional[float] = None
+        #: The one-turn delay between deciding a swap and starting it.
+        self.swap_call: Optional[IDelayedCall] = None
+        self.swap_ready = False
+
+
+# --- estimates and views -----------------------------------------------------------------
+
+
+def ewma(mean: Optional[float], value: float) -> float:
+    return value if mean is None else mean + EWMA_WEIGHT * (value - mean)
+
+
+def estimate_retry_after(m: Model) -> float:
+    """
+    Seconds until a full queue has likely room again: the queue's work at
+    the observed mean service time spread over ``max_concurrency`` slots,
+    plus the observed mean swap time when the model is not resident.
+    :data:`DEFAULT_RETRY_AFTER` until a service time was observed; clamped
+    to [:data:`RETRY_AFTER_MIN`, :data:`RETRY_AFTER_MAX`].
+    """
+    if m.service_mean is None:
+        return DEFAULT_RETRY_AFTER
+    estimate = m.live * m.service_mean / max(1, m.spec.max_concurrency)
+    g = m.group
+    if g is not None and g.resident is not m:
+        estimate += g.swap_mean if g.swap_mean is not None else DEFAULT_RETRY_AFTER
+    return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, estimate))
+
+
+def model_state(m: Model, now: float, residents: set[int]) -> ModelState:
+    """What telemetry shows of ``m``; ``residents`` holds the ``id`` of every group's resident."""
+    down = m.down_until is not None and now < m.down_until
+    head = m.head()
+    spec = m.spec
+    return ModelState(
+        name=spec.name,
+        group=spec.group,
+        always_on=spec.always_on,
+        queued=m.live,
+        in_flight=m.in_flight,
+        oldest_queued_at=head.ticket.arrived_at if head is not None else None,
+        resident=(spec.always_on and not m.removed) or id(m) in residents,
+        down_until=m.down_until if down else None,
+        down_reason=m.down_reason if down else None,
+    )
