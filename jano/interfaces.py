@@ -7,14 +7,11 @@ Each stage depends on these shapes, never on the class behind them, so a test
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import Optional, Protocol
 
 from twisted.internet.defer import Deferred
 
-from jano.records import ModelSpec, SchedulerSnapshot, SwapEvent, UsageRecord
-
-if TYPE_CHECKING:
-    from jano.scheduler import Ticket
+from jano.records import ModelSpec, SchedulerSnapshot, SwapEvent, Ticket, UsageRecord
 
 __all__ = ["Admission", "UsageSink", "Swapper", "Probe"]
 
@@ -22,9 +19,9 @@ __all__ = ["Admission", "UsageSink", "Swapper", "Probe"]
 class Admission(Protocol):
     """The scheduler seam: admit a request for a model, release it when done."""
 
-    def admit(self, model: str) -> "Deferred[Ticket]": ...
+    def admit(self, model: str) -> Deferred[Ticket]: ...
 
-    def release(self, ticket: "Ticket") -> None: ...
+    def release(self, ticket: Ticket) -> None: ...
 
     def snapshot(self) -> SchedulerSnapshot: ...
 

@@ -119,6 +119,30 @@ class UsageRecord(NamedTuple):
 HealthState = Literal["up", "down", "loading", "unloaded", "unknown"]
 
 
+@dataclass(eq=False)
+class Ticket:
+    """
+    One admitted request: the one mutable record here (the scheduler sets
+    ``dispatched_at`` and ``waited_for_swap``; the forward stage reads them).  Hand it back to :meth:`jano.scheduler.Scheduler.release` exactly
+    once, when the forwarded request has ended in any way.
+
+    Compared by identity: two requests with equal fields are still two tickets.
+    """
+
+    model: str
+    arrived_at: float
+    dispatched_at: Optional[float] = None
+    #: A swap of the model's group ran (or was running) between arrival and dispatch.
+    waited_for_swap: bool = False
+
+    @property
+    def queue_wait(self) -> Optional[float]:
+        """Seconds between arrival and dispatch; ``None`` until dispatched."""
+        if self.dispatched_at is None:
+            return None
+        return self.dispatched_at - self.arrived_at
+
+
 @dataclass(frozen=True, slots=True)
 class ModelState:
     """The scheduler's view of one model at one instant."""

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from jano.demo import formats
+import jano.demo.formats as formats
 from jano.demo.formats import EVENT_STREAM, JSON_LLAMA, JSON_PLAIN, NDJSON, dumps
 from jano.demo.generation import FLAVORS, Flavor, Generation
 from jano.demo.parsing import (INFERENCE, MAX_BODY_TEXT_BYTES, MAX_CHUNK_BYTES, MAX_DELAY,

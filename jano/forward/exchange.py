@@ -11,7 +11,7 @@ transparent proxy must do none of those.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, cast
+from typing import Optional, cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
@@ -27,12 +27,8 @@ from jano.errors import Draining, ModelUnavailable, QueueFull, Refusal, error_bo
 from jano.forward.headers import copy_response_headers, upstream_headers
 from jano.forward.tee import StreamTee
 from jano.interfaces import Admission, UsageSink
-from jano.records import Outcome, Usage, UsageRecord
+from jano.records import ModelSpec, Outcome, Ticket, Usage, UsageRecord
 from jano.usage import TailBuffer, extract_usage, with_router_timing
-
-if TYPE_CHECKING:
-    from jano.records import ModelSpec
-    from jano.scheduler import Ticket
 
 #: Bytes of each body's tail kept for token counting.
 TAIL_BYTES = 64 * 1024
@@ -180,7 +176,7 @@ class Exchange:
 
     log = Logger()
 
-    def __init__(self, fwd: Forwarder, request: Request, spec: "ModelSpec", body: bytes,
+    def __init__(self, fwd: Forwarder, request: Request, spec: ModelSpec, body: bytes,
                  admit: bool, stream_hint: bool, arrived_at: float, path: bytes,
                  target: bytes) -> None:
         self.fwd = fwd
@@ -195,7 +191,7 @@ class Exchange:
         self.stream = stream_hint
         self.arrived_at = arrived_at
         self.phase = "new"
-        self.ticket: Optional["Ticket"] = None
+        self.ticket: Optional[Ticket] = None
         self.status: Optional[int] = None
         self.ttfb: Optional[float] = None
         self.client_gone = False
@@ -252,7 +248,7 @@ class Exchange:
                         self.stream, retry_after)
         self._settle()
 
-    def _forward(self, ticket: Optional["Ticket"]) -> None:
+    def _forward(self, ticket: Optional[Ticket]) -> None:
         self._waiting = None
         self.ticket = ticket
         if self.client_gone:

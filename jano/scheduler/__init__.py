@@ -57,13 +57,13 @@ from __future__ import annotations
 
 from jano.errors import Draining, ModelUnavailable, QueueFull
 from jano.interfaces import Swapper
+from jano.records import Ticket
 from jano.scheduler.core import Scheduler
 from jano.scheduler.state import (
     DEFAULT_RETRY_AFTER,
     EWMA_WEIGHT,
     RETRY_AFTER_MAX,
     RETRY_AFTER_MIN,
-    Ticket,
 )
 
 __all__ = [

@@ -13,12 +13,11 @@ from twisted.internet.interfaces import IReactorTime
 
 from jano.errors import Draining, ModelUnavailable, QueueFull
 from jano.interfaces import Swapper
-from jano.records import GroupState, ModelSpec, SchedulerSnapshot, SwapEvent
+from jano.records import GroupState, ModelSpec, SchedulerSnapshot, SwapEvent, Ticket
 from jano.scheduler.policy import Policy
 from jano.scheduler.state import (
     Group,
     Model,
-    Ticket,
     Waiter,
     estimate_retry_after,
     ewma,

@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 
 from jano.errors import ModelUnavailable
 from jano.interfaces import Swapper
-from jano.records import SwapEvent, SwapResult
-from jano.scheduler.state import Group, Model, Ticket, Waiter, ewma
+from jano.records import SwapEvent, SwapResult, Ticket
+from jano.scheduler.state import Group, Model, Waiter, ewma
 
 __all__ = ["Policy", "swap_error"]
 

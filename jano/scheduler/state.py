@@ -16,7 +16,7 @@ from typing import Callable, Literal, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
-from jano.records import ModelSpec, ModelState
+from jano.records import ModelSpec, ModelState, Ticket
 
 __all__ = [
     "DEFAULT_RETRY_AFTER",
@@ -41,29 +41,6 @@ RETRY_AFTER_MIN = 1.0
 RETRY_AFTER_MAX = 600.0
 #: Weight of the newest observation in the running means of service and swap times.
 EWMA_WEIGHT = 0.2
-
-
-@dataclass(eq=False)
-class Ticket:
-    """
-    One admitted request.  Hand it back to :meth:`Scheduler.release` exactly
-    once, when the forwarded request has ended in any way.
-
-    Compared by identity: two requests with equal fields are still two tickets.
-    """
-
-    model: str
-    arrived_at: float
-    dispatched_at: Optional[float] = None
-    #: A swap of the model's group ran (or was running) between arrival and dispatch.
-    waited_for_swap: bool = False
-
-    @property
-    def queue_wait(self) -> Optional[float]:
-        """Seconds between arrival and dispatch; ``None`` until dispatched."""
-        if self.dispatched_at is None:
-            return None
-        return self.dispatched_at - self.arrived_at
 
 
 # --- internal state ----------------------------------------------------------------------
