@@ -182,8 +182,10 @@ class Exchange:
         self.fwd = fwd
         self.path = path
         self.target = target
-        #: Fires (with ``None``) once the request has ended, in any way.
-        self.done: Deferred[None] = Deferred()
+        #: Fires (with ``None``) once the request has ended, in any way.  The
+        #: caller cancels it when the client goes away (Klein does, for the
+        #: Deferred a route returns): that is how the exchange learns of it.
+        self.done: Deferred[None] = Deferred(lambda _: self._client_lost())
         self.request = request
         self.spec = spec
         self.body = body
@@ -205,7 +207,6 @@ class Exchange:
 
     def start(self) -> Deferred[None]:
         """Queue (or forward at once); the result is :attr:`done`."""
-        self.request.notifyFinish().addErrback(self._client_lost)
         if not self.admit:
             self._forward(None)
             return self.done
@@ -346,9 +347,9 @@ class Exchange:
         """The client read nothing for ``idle_write_timeout``: free its connection and the upstream."""
         self.log.warn("{model}: client read nothing for {t:g}s; dropping it",
                       model=self.spec.name, t=self.fwd.idle_write_timeout)
-        abort_client(self.request)  # fires notifyFinish's errback -> _client_lost
+        abort_client(self.request)  # the caller then cancels :attr:`done` -> _client_lost
 
-    def _client_lost(self, failure: Failure) -> None:
+    def _client_lost(self) -> None:
         if self.phase == "done":
             return
         self.client_gone = True
