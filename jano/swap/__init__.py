@@ -14,7 +14,9 @@ The package follows a swap from configuration to readiness:
 * :mod:`jano.swap.command`: check the command at start-up, build its argv;
 * :mod:`jano.swap.process`: the ``ProcessProtocol`` watching one run;
 * :mod:`jano.swap.swapper`: :class:`ScriptSwapper`, one attempt per swap;
-* :mod:`jano.swap.probe`: the readiness probe over HTTP.
+* :mod:`jano.swap.probe`: the readiness probe over HTTP;
+* :mod:`jano.swap.health`: :class:`~jano.swap.health.HealthMonitor`, the same
+  probe run every few seconds for ``/status`` and ``/metrics``.
 
 The reactor is injected: tests drive :class:`jano.testing.FakeProcessReactor`,
 production passes the real one.

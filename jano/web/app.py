@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Callable, Optional
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -232,7 +233,8 @@ class JanoApp:
             request.setHeader(b"www-authenticate", b'Bearer realm="jano"')
             fwd.refuse(request, path, UNAUTHORIZED, arrived)
             return None
-        if b"\x00" in path or b"%00" in path or b".." in path.split(b"/"):
+        decoded = unquote_to_bytes(path)  # what the backend will see once it decodes
+        if b"\x00" in decoded or b".." in decoded.split(b"/"):
             fwd.refuse(request, path, _BAD_PATH, arrived)
             return None
         body = b""

@@ -81,6 +81,23 @@ def origin_form(target: bytes) -> Optional[tuple[bytes, Optional[bytes]]]:
     return tail, authority
 
 
+def answer_and_close(channel: http.HTTPChannel, status: int, body: bytes,
+                     extra: Optional[dict[bytes, list[bytes]]] = None) -> None:
+    """
+    A whole JSON answer written by the channel itself (Twisted serialises
+    the head), then the connection closed: for answers given before a
+    request exists for Twisted's ``Request`` machinery.
+    """
+    headers = Headers({b"content-type": [b"application/json"],
+                       b"content-length": [b"%d" % len(body)], b"connection": [b"close"],
+                       **(extra or {})})
+    channel.writeHeaders(b"HTTP/1.1", b"%d" % status, http.RESPONSES.get(status, b"Error"),
+                         headers)
+    assert channel.transport is not None
+    channel.transport.write(body)
+    channel.loseConnection()
+
+
 class JanoRequest(server.Request):
     """
     A request whose body is kept in memory and bounded, and that is refused
@@ -138,17 +155,8 @@ class JanoRequest(server.Request):
         site.refused_early[refusal.reason] += 1
         path = (origin_form(self.target) or (b"/", None))[0].split(b"?", 1)[0]
         body = error_body(path, refusal.status, refusal.message, refusal.kind)
-        headers = Headers({b"content-type": [b"application/json"],
-                           b"content-length": [b"%d" % len(body)],
-                           b"connection": [b"close"]})
-        if refusal.status == 401:
-            headers.setRawHeaders(b"www-authenticate", [b'Bearer realm="jano"'])
-        channel = self.channel
-        channel.writeHeaders(b"HTTP/1.1", b"%d" % refusal.status,
-                             http.RESPONSES.get(refusal.status, b"Error"), headers)
-        assert channel.transport is not None
-        channel.transport.write(body)
-        channel.loseConnection()
+        extra = {b"www-authenticate": [b'Bearer realm="jano"']} if refusal.status == 401 else {}
+        answer_and_close(self.channel, refusal.status, body, extra)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.refused:
@@ -190,12 +198,7 @@ class JanoChannel(http.HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         body = error_body(b"/", 431, f"a request line or header exceeds {self.MAX_LENGTH} bytes",
                           "invalid_request_error")
-        headers = Headers({b"content-type": [b"application/json"],
-                           b"content-length": [b"%d" % len(body)], b"connection": [b"close"]})
-        self.writeHeaders(b"HTTP/1.1", b"431", b"Request Header Fields Too Large", headers)
-        assert self.transport is not None
-        self.transport.write(body)
-        self.loseConnection()
+        answer_and_close(self, 431, body)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)

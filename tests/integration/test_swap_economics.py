@@ -130,7 +130,9 @@ def test_steady_stream_for_resident_never_starves_a_lone_request(two_models: dic
     workers = [threading.Thread(target=steady) for _ in range(6)]  # more than max_concurrency
     for w in workers:
         w.start()
-    time.sleep(1.0)
+    # The resident is busy and has a backlog before the lone request arrives.
+    wait_until(lambda: json.loads(get(jano.url + "/status")[2])["queueDepthByModel"]["model-b"] >= 1,
+               10, "model-b backlog")
     t0 = time.monotonic()
     status, _, _ = post_json(jano.url + "/v1/chat/completions",
                              {"model": "model-a", "messages": [], "max_tokens": 2}, timeout=60)

@@ -161,6 +161,22 @@ def test_a_huge_chunk_is_refused_at_the_body_limit() -> None:
     assert statuses(conn.output) == [413] and box.backend.seen == [] and conn.closed
 
 
+@pytest.mark.parametrize("target", [b"//props", b"/v1//models?x=%20", b"/props%3Fnot-a-query"])
+def test_odd_but_valid_paths_are_forwarded_as_they_came(target: bytes) -> None:
+    box = Box()
+    conn = box.send(b"GET " + target + b" HTTP/1.1\r\nHost: jano\r\n\r\n")
+    assert statuses(conn.output) == [200]
+    assert box.backend.seen[0][1] == target
+
+
+@pytest.mark.parametrize("target", [b"/../props", b"/%2e%2e/props", b"/a/%2E%2e%2fprops",
+                                    b"/props%00", b"/v1/%2e%2e"])
+def test_dot_dot_and_nul_are_refused_encoded_or_not(target: bytes) -> None:
+    box = Box()
+    conn = box.send(b"GET " + target + b" HTTP/1.1\r\nHost: jano\r\n\r\n")
+    assert statuses(conn.output) == [400] and box.backend.seen == []
+
+
 def test_obs_fold_becomes_one_value_and_injects_nothing() -> None:
     box = Box()
     conn = box.send(GET + b"X-A: a\r\n b\r\nX-B: c\r\n\r\n")
