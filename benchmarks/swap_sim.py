@@ -5,22 +5,34 @@ Run from the checkout::
 
     PYTHONPATH=. python benchmarks/swap_sim.py --swap-cost 20 --service 4 --max-wait 60 --seed 1
 
+(those are the defaults, as is ``--collate 0.25``).
+
 Everything runs on a ``twisted.internet.task.Clock``: a swap takes exactly
 ``--swap-cost`` seconds, a request holds its slot for its service time (drawn
-once per request, ``--service`` x uniform(0.5, 1.5), the same draw for every
-policy), and a model serves ``--concurrency`` requests at a time.  Waits are
-from arrival to dispatch.  The output is a Markdown table.
+once per request, the same draw for every policy: ``--service`` x
+uniform(0.5, 1.5), except in the jitter traces), and a model serves
+``--concurrency`` requests at a time.  Waits are from arrival to dispatch.
+The output is a Markdown table; the same arguments print the same table.
 
 Policies:
 
-- ``jano``: the real :class:`jano.scheduler.Scheduler` with ``--max-wait``.
-- ``no-guard``: the same real Scheduler with ``max_wait=inf``: collation with
-  no starvation guard.
 - ``fifo``: *not* Jano code; a tiny reference simulator in this file: one
   queue per group in arrival order, the head goes first, and every change of
   model along that order costs a swap (after the previous model drains).
+- ``no-guard``: the real :class:`jano.scheduler.Scheduler` with
+  ``max_wait=inf`` and ``collate=--collate``: collation with no starvation
+  guard.
+- ``jano-collate0``: the real Scheduler with ``--max-wait`` and
+  ``collate=0``: a swap away from an idle resident is decided one reactor
+  turn after it is wanted (the behaviour before collation windows).
+- ``jano``: the real Scheduler with ``--max-wait`` and ``collate=--collate``
+  (0.25 s, the production default ``scheduler.collate``): a swap away from an
+  idle resident is held that long, and requests for the resident arriving
+  meanwhile are served first.
 
-Traces (one swap group, slot unknown at the start):
+Traces, each in one swap group.  The slot is unknown at the start of these
+three (every policy begins with a swap, and a collation window needs a known
+resident, so ``collate`` only matters here after the first swap):
 
 - ``mixed-burst``: 60 requests for three models, interleaved, arriving within 2 s.
 - ``agentic``: six agents starting within a minute, each running three
@@ -31,6 +43,26 @@ Traces (one swap group, slot unknown at the start):
   every 1-2 s for 300 s, about 2/3 of its capacity, so it never goes idle) and
   a light model asked every 30-50 s: without the guard, the light model waits
   for the stream to end.
+
+Jittered traces: the resident is known (``initial`` for the Scheduler, the
+same model loaded in ``fifo``) and idle when each burst begins.  Ten bursts of
+eight requests alternating between the two models, led by the one that is
+*not* resident when the burst begins: ``beta alpha beta alpha ...`` with
+``alpha`` resident.  Which model that is depends on the swaps the policy made
+so far, so the labels may differ between policies; the arrival times and
+service times do not.  Service times are uniform(5 ms, 50 ms), whatever
+``--service`` says.  Bursts begin ``10 x (--swap-cost + 1)`` seconds apart,
+long enough for even ``fifo``'s eight swaps to drain first.
+
+- ``jitter-uniform``: arrival offsets within a burst uniform in [0, 50 ms],
+  sorted.
+- ``jitter-poisson``: the first request at the burst start, then gaps
+  exponential with mean 10 ms (a Poisson process).
+
+One swap per burst is the least any policy can do; ``jano-collate0`` swaps
+away on the first request for the other model and has to swap back for the
+resident's requests that arrive during that swap; ``fifo`` swaps at every
+request.
 """
 
 from __future__ import annotations
@@ -42,7 +74,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -79,6 +111,11 @@ class TimedSwapper:
         self.clock.callLater(self.cost, d.callback, None)
         return d
 
+    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.clock.callLater(self.cost / 10, d.callback, None)
+        return d
+
 
 class Fifo:
     """
@@ -88,13 +125,13 @@ class Fifo:
     """
 
     def __init__(self, models: Sequence[ModelSpec], clock: Clock, swap_cost: float,
-                 on_swap: Callable[[SwapEvent], None]) -> None:
+                 on_swap: Callable[[SwapEvent], None], initial: Optional[str] = None) -> None:
         self.specs = {m.name: m for m in models}
         self.clock = clock
         self.swap_cost = swap_cost
         self.on_swap = on_swap
         self.queue: deque[tuple[Ticket, Deferred[Ticket]]] = deque()
-        self.resident: Optional[str] = None
+        self.resident: Optional[str] = initial
         self.in_flight = 0
         self.swapping = False
         self.swaps_started = 0
@@ -154,9 +191,15 @@ class Sim:
     """A clock, one admission policy, and what happened to every request."""
 
     clock: Clock
+    #: The model loaded at t=0 (``None``: the slot is unknown).
+    initial: Optional[str] = None
     admission: Admission = field(init=False)
     swaps: list[SwapEvent] = field(default_factory=list)
     done: list[Done] = field(default_factory=list)
+
+    def resident(self) -> Optional[str]:
+        """The model loaded after the last swap that ended (all of them succeed here)."""
+        return self.swaps[-1].to_model if self.swaps else self.initial
 
     def submit(self, model: str, service: float,
                then: Optional[Callable[[], None]] = None) -> None:
@@ -183,15 +226,19 @@ class Sim:
             self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
 
 
-def make_sim(policy: str, models: Sequence[ModelSpec], swap_cost: float, max_wait: float) -> Sim:
+def make_sim(policy: str, models: Sequence[ModelSpec], swap_cost: float, max_wait: float,
+             collate: float, initial: Optional[str] = None) -> Sim:
+    """``initial``: the model resident when the run starts (``None``: the slot is unknown)."""
     clock = Clock()
-    sim = Sim(clock)
+    sim = Sim(clock, initial)
     if policy == "fifo":
-        sim.admission = Fifo(models, clock, swap_cost, sim.swaps.append)
+        sim.admission = Fifo(models, clock, swap_cost, sim.swaps.append, initial)
     else:
         sim.admission = Scheduler(models, TimedSwapper(clock, swap_cost), clock,
                                   max_wait=math.inf if policy == "no-guard" else max_wait,
-                                  max_queue=10_000, on_swap=sim.swaps.append)
+                                  max_queue=10_000, on_swap=sim.swaps.append,
+                                  initial=None if initial is None else {GROUP: initial},
+                                  collate=0.0 if policy == "jano-collate0" else collate)
     return sim
 
 
@@ -199,6 +246,14 @@ def make_sim(policy: str, models: Sequence[ModelSpec], swap_cost: float, max_wai
 
 #: A trace schedules its requests on a Sim; it must draw nothing random itself.
 Trace = Callable[[Sim], None]
+
+
+class Workload(NamedTuple):
+    """The models of one scenario (in table order), its trace, and who is resident at t=0."""
+
+    models: list[str]
+    trace: Trace
+    resident: Optional[str] = None
 
 
 def service_times(rng: random.Random, n: int, mean: float) -> list[float]:
@@ -212,14 +267,14 @@ def open_trace(arrivals: Sequence[tuple[float, str]], services: Sequence[float])
     return schedule
 
 
-def mixed_burst(rng: random.Random, service: float) -> tuple[list[str], Trace]:
+def mixed_burst(rng: random.Random, service: float) -> Workload:
     models = ["chat", "code", "vision"]
     times = sorted(rng.uniform(0.0, 2.0) for _ in range(60))
     arrivals = [(t, models[i % 3]) for i, t in enumerate(times)]
-    return models, open_trace(arrivals, service_times(rng, 60, service))
+    return Workload(models, open_trace(arrivals, service_times(rng, 60, service)))
 
 
-def agentic(rng: random.Random, service: float) -> tuple[list[str], Trace]:
+def agentic(rng: random.Random, service: float) -> Workload:
     agents, chains = 6, 3
     plans: list[list[str]] = []
     for _ in range(agents):
@@ -246,10 +301,10 @@ def agentic(rng: random.Random, service: float) -> tuple[list[str], Trace]:
         for agent in range(agents):
             sim.clock.callLater(starts[agent], step, agent, 0)
 
-    return ["planner", "coder", "reviewer"], schedule
+    return Workload(["planner", "coder", "reviewer"], schedule)
 
 
-def heavy_light(rng: random.Random, service: float) -> tuple[list[str], Trace]:
+def heavy_light(rng: random.Random, service: float) -> Workload:
     arrivals: list[tuple[float, str]] = []
     t = 0.0
     while t < 300.0:
@@ -260,15 +315,69 @@ def heavy_light(rng: random.Random, service: float) -> tuple[list[str], Trace]:
         arrivals.append((t, "light"))
         t += rng.uniform(30.0, 50.0)
     arrivals.sort()
-    return ["heavy", "light"], open_trace(arrivals, service_times(rng, len(arrivals), service))
+    return Workload(["heavy", "light"],
+                    open_trace(arrivals, service_times(rng, len(arrivals), service)))
 
 
-SCENARIOS: dict[str, Callable[[random.Random, float], tuple[list[str], Trace]]] = {
-    "mixed-burst": mixed_burst,
-    "agentic": agentic,
-    "heavy+light": heavy_light,
+JITTER_BURSTS = 10
+JITTER_SIZE = 8
+
+
+def jitter_bursts(rng: random.Random, swap_cost: float,
+                  offsets: Callable[[random.Random], list[float]]) -> Workload:
+    """
+    ``alpha`` resident and idle at t=0; bursts ``10 x (swap_cost + 1)`` s apart,
+    each of ``JITTER_SIZE`` requests alternating between the models, led by the
+    one that is not resident when the burst begins (read from the run's swaps,
+    so it may differ between policies); ``offsets`` draws the sorted arrival
+    offsets within one burst.  Service U(5 ms, 50 ms).  Every random draw is
+    made here, once, so all policies see the same times.
+    """
+    gap = 10.0 * (swap_cost + 1.0)
+    bursts = [offsets(rng) for _ in range(JITTER_BURSTS)]
+    services = [[rng.uniform(0.005, 0.050) for _ in burst] for burst in bursts]
+
+    def schedule(sim: Sim) -> None:
+        def burst(b: int) -> None:
+            resident = sim.resident()
+            other = "beta" if resident == "alpha" else "alpha"
+            for i, (at, service) in enumerate(zip(bursts[b], services[b])):
+                sim.clock.callLater(at, sim.submit, other if i % 2 == 0 else resident, service)
+
+        for b in range(JITTER_BURSTS):
+            sim.clock.callLater(b * gap, burst, b)
+
+    return Workload(["alpha", "beta"], schedule, resident="alpha")
+
+
+def uniform_offsets(rng: random.Random) -> list[float]:
+    return sorted(rng.uniform(0.0, 0.050) for _ in range(JITTER_SIZE))
+
+
+def poisson_offsets(rng: random.Random) -> list[float]:
+    out = [0.0]
+    while len(out) < JITTER_SIZE:
+        out.append(out[-1] + rng.expovariate(1 / 0.010))
+    return out
+
+
+def jitter_uniform(rng: random.Random, service: float, swap_cost: float) -> Workload:
+    return jitter_bursts(rng, swap_cost, uniform_offsets)
+
+
+def jitter_poisson(rng: random.Random, service: float, swap_cost: float) -> Workload:
+    return jitter_bursts(rng, swap_cost, poisson_offsets)
+
+
+#: Scenario -> workload from (rng, --service, --swap-cost).
+SCENARIOS: dict[str, Callable[[random.Random, float, float], Workload]] = {
+    "mixed-burst": lambda rng, service, _swap_cost: mixed_burst(rng, service),
+    "agentic": lambda rng, service, _swap_cost: agentic(rng, service),
+    "heavy+light": lambda rng, service, _swap_cost: heavy_light(rng, service),
+    "jitter-uniform": jitter_uniform,
+    "jitter-poisson": jitter_poisson,
 }
-POLICIES = ("jano", "fifo", "no-guard")
+POLICIES = ("fifo", "no-guard", "jano-collate0", "jano")
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -281,10 +390,10 @@ def p99(values: Sequence[float]) -> float:
 
 def simulate(scenario: str, policy: str, args: argparse.Namespace) -> list[str]:
     rng = random.Random(f"{args.seed}:{scenario}")  # the same trace for every policy
-    names, trace = SCENARIOS[scenario](rng, args.service)
+    names, trace, resident = SCENARIOS[scenario](rng, args.service, args.swap_cost)
     models = [ModelSpec(n, f"http://127.0.0.1:{9000 + i}", max_concurrency=args.concurrency,
                         group=GROUP) for i, n in enumerate(names)]
-    sim = make_sim(policy, models, args.swap_cost, args.max_wait)
+    sim = make_sim(policy, models, args.swap_cost, args.max_wait, args.collate, resident)
     trace(sim)
     sim.run()
     waits = [d.dispatched - d.arrived for d in sim.done]
@@ -319,17 +428,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="mean service time in seconds (4)")
     parser.add_argument("--max-wait", type=float, default=60.0,
                         help="Jano's starvation guard in seconds (60)")
+    parser.add_argument("--collate", type=float, default=0.25,
+                        help="collation window of jano and no-guard in seconds (0.25)")
     parser.add_argument("--concurrency", type=int, default=4,
                         help="requests a model serves at once (4)")
     parser.add_argument("--seed", type=int, default=1, help="trace seed (1)")
     args = parser.parse_args(argv)
     rows = [simulate(s, p, args) for s in SCENARIOS for p in POLICIES]
     print(f"swap cost {args.swap_cost:g}s, service {args.service:g}s x U(0.5,1.5), "
-          f"concurrency {args.concurrency}, max_wait {args.max_wait:g}s, seed {args.seed}\n")
+          f"concurrency {args.concurrency}, max_wait {args.max_wait:g}s, "
+          f"collate {args.collate:g}s, seed {args.seed}\n")
     print(table(rows))
-    print("\njano: the real Scheduler.  no-guard: the real Scheduler with max_wait=inf.  "
-          "fifo: a reference simulator in this file (strict arrival order, one swap per model "
-          "change), not Jano code.")
+    print(f"\njano: the real Scheduler (collate {args.collate:g}s).  jano-collate0: the real "
+          f"Scheduler with collate=0.  no-guard: the real Scheduler with max_wait=inf "
+          f"(collate {args.collate:g}s).  fifo: a reference simulator in this file (strict "
+          "arrival order, one swap per model change), not Jano code.  jitter-*: service "
+          "U(5,50) ms, each burst led by the model not resident when it begins.")
     return 0
 
 

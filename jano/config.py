@@ -43,6 +43,8 @@ class ServerConfig:
     idle_timeout: float = 60.0
     #: Bearer token for the proxy routes (``None``: open).
     api_key: Optional[str] = field(default=None, repr=False)
+    #: Bearer token for loading and unloading models (``None``: ``api_key``).
+    admin_key: Optional[str] = field(default=None, repr=False)
     #: Bearer token for the telemetry routes (``None``: open).
     telemetry_key: Optional[str] = field(default=None, repr=False)
 
@@ -54,6 +56,14 @@ class SchedulerConfig:
     swap_timeout: float = 300.0
     ready_timeout: float = 300.0
     retry_backoff: float = 5.0
+    #: Seconds a swap away from an idle resident waits for more requests for it.
+    collate: float = 0.25
+    #: Seconds a model swapped in is not evicted for an idle gap (0: off).
+    min_residency: float = 0.0
+    #: Seconds idle before a resident is unloaded, for models without ``ttl`` (0: never).
+    ttl: float = 0.0
+    #: Models loaded (swapped in) at start-up, at most one per group.
+    preload: tuple[str, ...] = ()
     #: group -> model known to be resident at start-up.
     initial_model: Mapping[str, str] = field(default_factory=dict)
 
@@ -63,6 +73,9 @@ class SwapConfig:
     #: argv; ``{model}`` and ``{previous}`` are substituted.  Empty: no script
     #: (only possible when no group has more than one swappable model).
     command: tuple[str, ...] = ()
+    #: argv run to unload a model (``{model}`` substituted).  Empty: ``command``
+    #: with an empty ``{model}`` and ``{previous}`` = the model unloaded.
+    unload: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +175,8 @@ def _read_key(table: Mapping[str, Any], key: str, path: str, base: Path) -> Opti
 
 # --- the parser ---------------------------------------------------------------
 
-_MODEL_KEYS = ("name", "upstream", "kind", "health", "max_concurrency", "group", "always_on")
+_MODEL_KEYS = ("name", "upstream", "kind", "health", "max_concurrency", "group", "always_on",
+               "ttl")
 
 
 def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
@@ -175,7 +189,7 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
     _check_keys(srv, ("listen", "upstream_timeout", "max_body_bytes", "idle_write_timeout",
                       "shutdown_grace", "api_key", "api_key_file", "telemetry_key",
                       "telemetry_key_file", "max_connections", "max_connections_per_client",
-                      "idle_timeout"), "server")
+                      "idle_timeout", "admin_key", "admin_key_file"), "server")
     server = ServerConfig(
         listen=_get(srv, "listen", "server", str, DEFAULT_LISTEN),
         upstream_timeout=_get(srv, "upstream_timeout", "server", float, 600.0, _positive),
@@ -191,11 +205,15 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         idle_timeout=_get(srv, "idle_timeout", "server", float, 60.0, _positive),
         api_key=_read_key(srv, "api_key", "server", base),
         telemetry_key=_read_key(srv, "telemetry_key", "server", base),
+        admin_key=_read_key(srv, "admin_key", "server", base),
     )
 
     sch = _table(doc, "scheduler")
     _check_keys(sch, ("max_wait", "max_queue", "swap_timeout", "ready_timeout", "retry_backoff",
-                      "initial_model"), "scheduler")
+                      "initial_model", "collate", "min_residency", "ttl", "preload"), "scheduler")
+    preload_raw = sch.get("preload", [])
+    if not isinstance(preload_raw, list) or not all(isinstance(v, str) for v in preload_raw):
+        raise ConfigError("scheduler.preload: expected an array of model names")
     initial_raw = sch.get("initial_model", {})
     if isinstance(initial_raw, str):
         initial_raw = {"": initial_raw}  # resolved against the model's group below
@@ -203,7 +221,10 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         raise ConfigError("scheduler.initial_model: expected a model name or a table of group = model")
 
     swp = _table(doc, "swap")
-    _check_keys(swp, ("command",), "swap")
+    _check_keys(swp, ("command", "unload"), "swap")
+    unload = swp.get("unload", [])
+    if not isinstance(unload, list) or not all(isinstance(a, str) for a in unload):
+        raise ConfigError("swap.unload: expected an array of strings (argv)")
     command = swp.get("command", [])
     if isinstance(command, str):
         raise ConfigError("swap.command: expected an array of strings (argv), got a string; "
@@ -253,6 +274,8 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
             group=_get(m, "group", path, str, "default",
                        lambda v: None if v else "expected a non-empty group name"),
             always_on=_get(m, "always_on", path, bool, False),
+            ttl=_get(m, "ttl", path, float, None,
+                     lambda v: None if v >= 0 else "expected 0 (never) or more seconds"),
         ))
 
     initial: dict[str, str] = {}
@@ -263,6 +286,20 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         if group and group != spec.group:
             raise ConfigError(f"scheduler.initial_model.{group}: {name!r} is in group {spec.group!r}")
         initial[spec.group] = name
+
+    preload: list[str] = []
+    preloaded_groups: dict[str, str] = {}
+    for name in preload_raw:
+        spec = next((s for s in models if s.name == name), None)
+        if spec is None:
+            raise ConfigError(f"scheduler.preload: {name!r} is not a configured model")
+        if spec.always_on:
+            raise ConfigError(f"scheduler.preload: {name!r} is always_on (always loaded already)")
+        if spec.group in preloaded_groups:
+            raise ConfigError(f"scheduler.preload: {name!r} and {preloaded_groups[spec.group]!r} "
+                              f"share group {spec.group!r}, which holds one model at a time")
+        preloaded_groups[spec.group] = name
+        preload.append(name)
 
     swappable: dict[str, int] = {}
     for spec in models:
@@ -282,10 +319,18 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         ready_timeout=_get(sch, "ready_timeout", "scheduler", float, 300.0, _positive),
         retry_backoff=_get(sch, "retry_backoff", "scheduler", float, 5.0,
                            lambda v: None if v >= 0 else "expected 0 or more"),
+        ttl=_get(sch, "ttl", "scheduler", float, 0.0,
+                 lambda v: None if v >= 0 else "expected 0 (never) or more seconds"),
+        preload=tuple(preload),
+        collate=_get(sch, "collate", "scheduler", float, 0.25,
+                     lambda v: None if 0 <= v <= 10 else "expected 0 to 10 (seconds)"),
+        min_residency=_get(sch, "min_residency", "scheduler", float, 0.0,
+                           lambda v: None if v >= 0 else "expected 0 or more"),
         initial_model=initial,
     )
     return Config(models=tuple(models), server=server, scheduler=scheduler,
-                  swap=SwapConfig(tuple(command)), telemetry=telemetry, source=source)
+                  swap=SwapConfig(tuple(command), tuple(unload)), telemetry=telemetry,
+                  source=source)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 __all__ = ["Refusal", "error_body", "is_ollama_path", "QueueFull", "ModelUnavailable",
-           "Draining", "SwapError", "SwapFailure", "SwapCommandError"]
+           "Draining", "Busy", "SwapError", "SwapFailure", "SwapCommandError"]
 
 
 def is_ollama_path(path: bytes) -> bool:
@@ -84,6 +84,13 @@ class ModelUnavailable(Exception):
 
 class Draining(Exception):
     """Jano is shutting down and admits nothing new."""
+
+
+class Busy(Exception):
+    """
+    A load or unload that would evict work in flight, or overlap a swap: the
+    caller may retry later.  ``str()`` says what is in the way.
+    """
 
 
 # --- swap -----------------------------------------------------------------------------

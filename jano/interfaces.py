@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 
 from jano.records import ModelSpec, SchedulerSnapshot, SwapEvent, Ticket, UsageRecord
 
-__all__ = ["Admission", "UsageSink", "Swapper", "Probe"]
+__all__ = ["Admission", "Lifecycle", "UsageSink", "Swapper", "Probe"]
 
 
 class Admission(Protocol):
@@ -24,6 +24,16 @@ class Admission(Protocol):
     def release(self, ticket: Ticket) -> None: ...
 
     def snapshot(self) -> SchedulerSnapshot: ...
+
+
+class Lifecycle(Protocol):
+    """The scheduler seam of the load and unload endpoints."""
+
+    def snapshot(self) -> SchedulerSnapshot: ...
+
+    def load(self, model: str) -> Deferred[None]: ...
+
+    def unload(self, model: str) -> bool: ...
 
 
 class UsageSink(Protocol):
@@ -50,6 +60,9 @@ class Swapper(Protocol):
 
     def swap(self, group: str, previous: Optional[ModelSpec],
              target: ModelSpec) -> Deferred[None]: ...
+
+    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+        """Leave ``group``'s slot empty: ``model``, its resident, is unloaded."""
 
 
 class Probe(Protocol):

@@ -36,6 +36,9 @@ class ModelSpec:
     group: str = "default"
     #: Never swapped, always routable (an embedding server beside the GPU model).
     always_on: bool = False
+    #: Seconds idle (nothing queued or in flight) before the model is unloaded;
+    #: ``None``: the scheduler's default; 0: never.
+    ttl: Optional[float] = None
 
     @property
     def health_url(self) -> str:
@@ -72,16 +75,22 @@ SwapResult = Literal["ok", "failed", "timeout", "not_ready"]
 
 @dataclass(frozen=True, slots=True)
 class SwapEvent:
-    """One swap attempt of one group, reported once it has ended."""
+    """
+    One swap attempt of one group, reported once it has ended; an unload
+    (``kind == "unload"``) is a swap to nothing: ``to_model`` is ``None``.
+    """
 
     group: str
     from_model: Optional[str]
-    to_model: str
+    to_model: Optional[str]
     started_at: float
     duration: float
     result: SwapResult
     #: Human-readable cause when ``result != "ok"``.
     error: Optional[str] = None
+    kind: Literal["swap", "unload"] = "swap"
+    #: Why an unload ran: ``"idle"`` (its TTL) or ``"requested"``.
+    reason: Optional[str] = None
 
 
 Outcome = Literal[
@@ -172,6 +181,10 @@ class GroupState:
     loaded_at: Optional[float]
     swapping_to: Optional[str] = None
     swap_started_at: Optional[float] = None
+    #: The resident being unloaded (``swap_started_at`` says since when).
+    unloading: Optional[str] = None
+    #: When the idle resident will be unloaded (its TTL), ``None`` if not idle or no TTL.
+    unload_at: Optional[float] = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,8 @@ class JanoService(MultiService):
                 check_swap_command(config.swap.command)
             swapper = ScriptSwapper(reactor, config.swap.command,
                                     swap_timeout=config.scheduler.swap_timeout,
-                                    ready_timeout=config.scheduler.ready_timeout, probe=probe)
+                                    ready_timeout=config.scheduler.ready_timeout, probe=probe,
+                                    unload_command=config.swap.unload)
         self.swapper = swapper
         started_at = reactor.seconds()
         self.scheduler = Scheduler(config.models, swapper, reactor,
@@ -96,7 +97,10 @@ class JanoService(MultiService):
                                    max_queue=config.scheduler.max_queue,
                                    retry_backoff=config.scheduler.retry_backoff,
                                    initial=config.scheduler.initial_model,
-                                   on_swap=self._swap_finished)
+                                   on_swap=self._swap_finished,
+                                   collate=config.scheduler.collate,
+                                   min_residency=config.scheduler.min_residency,
+                                   ttl=config.scheduler.ttl)
         self.health = HealthMonitor(reactor, config.models, probe,
                                     interval=config.telemetry.health_interval,
                                     is_resident=self._is_resident)
@@ -109,7 +113,8 @@ class JanoService(MultiService):
                                    idle_write_timeout=config.server.idle_write_timeout,
                                    strip_authorization=config.server.api_key is not None)
         self.app = JanoApp(config.models, self.forwarder, self.telemetry, self._fallback,
-                           clock=reactor, api_key=config.server.api_key,
+                           lifecycle=self.scheduler, clock=reactor,
+                           api_key=config.server.api_key, admin_key=config.server.admin_key,
                            telemetry_key=config.server.telemetry_key, started_at=started_at,
                            usage_ring=config.telemetry.usage_ring,
                            thrash_swaps_per_hour=config.telemetry.thrash_swaps_per_hour)
@@ -128,13 +133,16 @@ class JanoService(MultiService):
 
     def _swap_finished(self, event: SwapEvent) -> None:
         level = self.log.info if event.result == "ok" else self.log.warn
-        level("swap {group}: {from_model} -> {to_model} {result} in {duration:.2f}s{error}",
-              group=event.group, from_model=event.from_model, to_model=event.to_model,
+        level("{kind} {group}: {from_model} -> {to_model} {result} in {duration:.2f}s{error}",
+              kind=event.kind, group=event.group, from_model=event.from_model,
+              to_model=event.to_model or "(nothing)",
               result=event.result, duration=event.duration,
               error=f" ({event.error})" if event.error else "")
         self.telemetry.swap_finished(event)
-        if event.result == "ok":  # the swap waited for health 200 itself
+        if event.result == "ok" and event.to_model is not None:  # it waited for health 200
             self.health.observed(event.to_model, "up")
+        elif event.kind == "unload" and event.from_model is not None:
+            self.health.observed(event.from_model, "unloaded")
 
     def _residents(self) -> Mapping[str, Optional[str]]:
         return {g.name: g.resident for g in self.scheduler.snapshot().groups}
@@ -174,12 +182,15 @@ class JanoService(MultiService):
             self.log.warn("server.listen changed to {listen}: takes effect at the next restart",
                           listen=new.server.listen)
         self.scheduler.reconfigure(new.models, max_wait=new.scheduler.max_wait,
-                                   max_queue=new.scheduler.max_queue)
+                                   max_queue=new.scheduler.max_queue,
+                                   collate=new.scheduler.collate,
+                                   min_residency=new.scheduler.min_residency,
+                                   ttl=new.scheduler.ttl)
         if isinstance(self.swapper, ScriptSwapper):
             self.swapper = ScriptSwapper(self.reactor, new.swap.command,
                                          swap_timeout=new.scheduler.swap_timeout,
                                          ready_timeout=new.scheduler.ready_timeout,
-                                         probe=self.probe)
+                                         probe=self.probe, unload_command=new.swap.unload)
             self.scheduler.swapper = self.swapper
         self.telemetry.set_models(new.models)
         self.health.set_models(new.models)
@@ -193,6 +204,7 @@ class JanoService(MultiService):
         site.max_connections_per_client = new.server.max_connections_per_client
         app = self.app
         app.api_key = new.server.api_key
+        app.admin_key = new.server.admin_key
         app.telemetry_key = new.server.telemetry_key
         app.thrash_swaps_per_hour = new.telemetry.thrash_swaps_per_hour
         app.set_models(new.models)
@@ -201,6 +213,17 @@ class JanoService(MultiService):
                       n=len(new.models))
 
     # --- lifecycle ----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start listening and probing, then load the ``preload`` models."""
+        super().startService()
+        for name in self.config.scheduler.preload:
+            self.log.info("preloading {model}", model=name)
+            self.scheduler.load(name).addErrback(self._preload_failed, name)
+
+    def _preload_failed(self, failure: Any, name: str) -> None:
+        self.log.warn("preloading {model} failed: {cause}", model=name,
+                      cause=failure.getErrorMessage())
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, let in-flight requests finish (up to the grace period), then close."""

@@ -9,6 +9,13 @@
 # says what runs.  Exit 0 once the new llama-server is running; Jano then
 # waits for its /health to answer 200 (503 while the model loads).
 #
+# Unload ($1 empty, or JANO_ACTION=unload; the same [swap] command serves):
+# step 1 only: stop the llama-server named by the pid file, whatever model it
+# serves, wait until it has exited (its GPU memory is then free), start
+# nothing.  A missing or stale pid file means nothing runs: exit 0.  With no
+# previous model either (nothing known to be loaded) it does the same, and
+# exits 0 even if the server cannot be stopped (a warning).
+#
 # What it does:
 #   1. If the pid file names a running llama-server, send it SIGTERM, wait
 #      for it to exit (SIGKILL after LLAMA_STOP_TIMEOUT seconds).
@@ -42,6 +49,7 @@
 set -eu
 
 model=${1:-${JANO_MODEL:-}}
+previous=${2-${JANO_PREVIOUS_MODEL:-}}
 LLAMA_SERVER=${LLAMA_SERVER:-llama-server}
 LLAMA_MODELS_DIR=${LLAMA_MODELS_DIR:-/var/lib/llama/models}
 LLAMA_ARGS_DIR=${LLAMA_ARGS_DIR:-$LLAMA_MODELS_DIR}
@@ -50,27 +58,17 @@ LLAMA_LOG_DIR=${LLAMA_LOG_DIR:-${XDG_STATE_HOME:-${HOME:-/tmp}/.local/state}/jan
 LLAMA_STOP_TIMEOUT=${LLAMA_STOP_TIMEOUT:-30}
 LLAMA_START_CHECK=${LLAMA_START_CHECK:-1}
 
-if [ -z "$model" ]; then
-    echo "usage: $0 MODEL [PREVIOUS]" >&2
+# An unload: JANO_ACTION=unload, or an empty model argument.  The model to
+# unload is $2, else JANO_PREVIOUS_MODEL (else $1, for a "[swap] unload"
+# command that passes only "{model}"); only the messages use it.
+unload=
+if [ "${JANO_ACTION:-}" = unload ] || { [ -z "$model" ] && [ $# -gt 0 ]; }; then
+    unload=yes
+    previous=${previous:-${JANO_PREVIOUS_MODEL:-$model}}
+    model=
+elif [ -z "$model" ]; then
+    echo "usage: $0 MODEL [PREVIOUS]  (to unload: $0 '' PREVIOUS)" >&2
     exit 2
-fi
-case $model in
-    */*|.*) echo "refusing model name '$model' (it would leave $LLAMA_MODELS_DIR)" >&2; exit 2 ;;
-esac
-
-gguf=$LLAMA_MODELS_DIR/$model.gguf
-args_file=$LLAMA_ARGS_DIR/$model.args
-log=$LLAMA_LOG_DIR/$model.log
-
-# Check the new model before stopping the old one: a typo should not leave
-# the GPU empty.
-if [ ! -r "$gguf" ]; then
-    echo "cannot find $gguf" >&2
-    exit 1
-fi
-if ! command -v "$LLAMA_SERVER" >/dev/null 2>&1; then
-    echo "cannot find the llama-server binary '$LLAMA_SERVER' (set LLAMA_SERVER)" >&2
-    exit 1
 fi
 
 # Is process $1 alive?  A zombie (exited, not yet reaped: common in
@@ -90,8 +88,11 @@ is_llama_server() {
     tr '\000' ' ' <"/proc/$1/cmdline" | grep -q -- "$(basename "$LLAMA_SERVER")"
 }
 
-# 1. Stop the running server, if any.
-if [ -f "$LLAMA_PID_FILE" ]; then
+# Stop the server named by the pid file, if it runs, and remove the pid file.
+# Sets stopped=yes when it stopped one; returns 1 (the pid file kept) when
+# the server would not die.
+stop_server() {
+    [ -f "$LLAMA_PID_FILE" ] || return 0
     old=$(cat "$LLAMA_PID_FILE" 2>/dev/null || true)
     case $old in
         ''|*[!0-9]*) old= ;;
@@ -114,11 +115,55 @@ if [ -f "$LLAMA_PID_FILE" ]; then
         done
         if is_llama_server "$old"; then
             echo "cannot stop llama-server pid $old" >&2
-            exit 1
+            return 1
         fi
+        stopped=yes
     fi
     rm -f "$LLAMA_PID_FILE"
+}
+
+# Unload: stop the server, start nothing.
+if [ -n "$unload" ]; then
+    stopped=
+    if [ -z "$previous" ]; then
+        echo "unload: nothing known to be loaded; stopping the server in $LLAMA_PID_FILE, if any"
+        stop_server || echo "warning: the llama-server in $LLAMA_PID_FILE is still running" >&2
+        exit 0
+    fi
+    echo "unloading $previous"
+    stop_server || {
+        echo "cannot unload $previous: could not stop the llama-server in $LLAMA_PID_FILE" >&2
+        exit 1
+    }
+    if [ -n "$stopped" ]; then
+        echo "$previous unloaded (llama-server pid $old stopped)"
+    else
+        echo "no llama-server running (pid file: $LLAMA_PID_FILE): $previous is not loaded"
+    fi
+    exit 0
 fi
+
+case $model in
+    */*|.*) echo "refusing model name '$model' (it would leave $LLAMA_MODELS_DIR)" >&2; exit 2 ;;
+esac
+
+gguf=$LLAMA_MODELS_DIR/$model.gguf
+args_file=$LLAMA_ARGS_DIR/$model.args
+log=$LLAMA_LOG_DIR/$model.log
+
+# Check the new model before stopping the old one: a typo should not leave
+# the GPU empty.
+if [ ! -r "$gguf" ]; then
+    echo "cannot find $gguf" >&2
+    exit 1
+fi
+if ! command -v "$LLAMA_SERVER" >/dev/null 2>&1; then
+    echo "cannot find the llama-server binary '$LLAMA_SERVER' (set LLAMA_SERVER)" >&2
+    exit 1
+fi
+
+# 1. Stop the running server, if any.
+stop_server || exit 1
 
 # 2. Start the new one.
 extra=

@@ -13,6 +13,12 @@
 # template when the previous model is unknown), then restarts
 # llama-server@<model>.service.  Stopping first frees the GPU memory.
 #
+# Unload ($1 empty, or JANO_ACTION=unload; the same [swap] command serves):
+# stops llama-server@<previous>.service and starts nothing.  systemctl stop
+# returns once the unit's processes are gone, so exit 0 means the GPU memory
+# is free.  With no previous model either, it stops every instance of the
+# template as a best effort and exits 0 even if that fails.
+#
 # A matching template unit, /etc/systemd/system/llama-server@.service:
 #
 #     [Unit]
@@ -41,8 +47,16 @@ previous=${2-${JANO_PREVIOUS_MODEL:-}}
 SYSTEMCTL=${SYSTEMCTL:-systemctl}
 LLAMA_UNIT=${LLAMA_UNIT:-llama-server@.service}
 
-if [ -z "$model" ]; then
-    echo "usage: $0 MODEL [PREVIOUS]" >&2
+# An unload: JANO_ACTION=unload, or an empty model argument.  The model to
+# unload is $2, else JANO_PREVIOUS_MODEL (else $1, for a "[swap] unload"
+# command that passes only "{model}").
+unload=
+if [ "${JANO_ACTION:-}" = unload ] || { [ -z "$model" ] && [ $# -gt 0 ]; }; then
+    unload=yes
+    previous=${previous:-${JANO_PREVIOUS_MODEL:-$model}}
+    model=
+elif [ -z "$model" ]; then
+    echo "usage: $0 MODEL [PREVIOUS]  (to unload: $0 '' PREVIOUS)" >&2
     exit 2
 fi
 
@@ -62,6 +76,26 @@ unit_for() {
     esac
     printf '%s@%s.service\n' "${LLAMA_UNIT%@.service}" "$1"
 }
+
+# Unload: stop $previous, start nothing.  ($SYSTEMCTL is unquoted: see below.)
+if [ -n "$unload" ]; then
+    if [ -z "$previous" ]; then
+        # Nothing known to be loaded: stop every instance, best effort (an
+        # unload of nothing must not fail).
+        echo "unload: nothing known to be loaded; stopping all ${LLAMA_UNIT%@.service}@*.service instances"
+        $SYSTEMCTL stop "${LLAMA_UNIT%@.service}@*.service" ||
+            echo "warning: cannot stop the running ${LLAMA_UNIT%@.service} instances" >&2
+        exit 0
+    fi
+    old=$(unit_for "$previous")
+    echo "unloading $previous: stopping $old"
+    $SYSTEMCTL stop "$old" || {
+        echo "cannot stop $old (see: journalctl -u $old)" >&2
+        exit 1
+    }
+    echo "$previous unloaded ($old stopped)"
+    exit 0
+fi
 
 target=$(unit_for "$model")
 

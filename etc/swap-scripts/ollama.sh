@@ -15,6 +15,13 @@
 #      which answers {"done":true,"done_reason":"load"} once the model is loaded.
 #      keep_alive -1 keeps it loaded until Jano unloads it.
 #
+# Unload ($1 empty, or JANO_ACTION=unload; the same [swap] command serves):
+# step 1 for the previous model only, then wait until GET /api/ps no longer
+# lists it (Ollama frees the memory after answering), and load nothing.  A
+# model Ollama does not know (404) is not loaded: exit 0.  With no previous
+# model either, it unloads every model /api/ps lists (when jq is installed),
+# as a best effort that exits 0 whatever happens.
+#
 # Run Ollama with OLLAMA_MAX_LOADED_MODELS=1, so that it never keeps two
 # models on the GPU even when a request for another model slips past Jano,
 # and so that a failed unload cannot leave two models loaded.
@@ -24,14 +31,24 @@
 #                   http://$OLLAMA_HOST, else http://127.0.0.1:11434)
 #     CURL_OPTS     extra curl options, split on spaces (no quoting),
 #                   e.g. "--max-time 600" or "-K /etc/jano/curlrc"
+#     OLLAMA_UNLOAD_TIMEOUT  seconds an unload waits for the model to leave
+#                   /api/ps before it fails (default: 60)
 
 set -eu
 
 model=${1:-${JANO_MODEL:-}}
 previous=${2-${JANO_PREVIOUS_MODEL:-}}
 
-if [ -z "$model" ]; then
-    echo "usage: $0 MODEL [PREVIOUS]" >&2
+# An unload: JANO_ACTION=unload, or an empty model argument.  The model to
+# unload is $2, else JANO_PREVIOUS_MODEL (else $1, for a "[swap] unload"
+# command that passes only "{model}").
+unload=
+if [ "${JANO_ACTION:-}" = unload ] || { [ -z "$model" ] && [ $# -gt 0 ]; }; then
+    unload=yes
+    previous=${previous:-${JANO_PREVIOUS_MODEL:-$model}}
+    model=
+elif [ -z "$model" ]; then
+    echo "usage: $0 MODEL [PREVIOUS]  (to unload: $0 '' PREVIOUS)" >&2
     exit 2
 fi
 
@@ -80,6 +97,75 @@ unload() {
         *) echo "warning: unloading $1 answered $status: $(cat "$body")" >&2 ;;
     esac
 }
+
+# Does GET /api/ps list model $1?  Prints yes, no, or unknown (no answer).
+# Ollama lists "name:latest" for a model asked for as "name".
+listed() {
+    # shellcheck disable=SC2086
+    listing=$(curl -sS -f ${CURL_OPTS:-} "$base/api/ps" 2>/dev/null) || { echo unknown; return 0; }
+    listing=$(printf '%s' "$listing" | tr -d ' \t\r\n')
+    set -- "$1" "$1:latest"
+    case ${1##*/} in *:*) set -- "$1" ;; esac
+    for candidate in "$@"; do
+        quoted=$(json_string "$candidate")
+        case $listing in
+            *"\"name\":$quoted"*|*"\"model\":$quoted"*) echo yes; return 0 ;;
+        esac
+    done
+    echo no
+}
+
+# Unload model $1 and wait until Ollama no longer lists it, so that its
+# memory is free.  Returns 1, the reason on stderr, when that fails.
+unload_and_wait() {
+    echo "unloading $1"
+    status=$(post /api/generate "{\"model\":$(json_string "$1"),\"keep_alive\":0}")
+    case $status in
+        200) ;;
+        404) echo "$1 is not known to Ollama: nothing to unload"; return 0 ;;
+        000) echo "cannot reach Ollama at $base" >&2; return 1 ;;
+        *)
+            error=$(sed -n -e 's/.*"error": *"\([^"]*\)".*/\1/p' "$body")
+            echo "Ollama could not unload $1 (HTTP $status): ${error:-$(head -c 300 "$body")}" >&2
+            return 1 ;;
+    esac
+    tries=0
+    while :; do
+        case $(listed "$1") in
+            no) echo "$1 unloaded"; return 0 ;;
+            unknown)
+                echo "warning: cannot read $base/api/ps: not waiting for $1 to leave memory" >&2
+                return 0 ;;
+        esac
+        if [ "$tries" -ge $((${OLLAMA_UNLOAD_TIMEOUT:-60} * 4)) ]; then
+            echo "Ollama still lists $1 ${OLLAMA_UNLOAD_TIMEOUT:-60}s after unloading it (GET /api/ps)" >&2
+            return 1
+        fi
+        tries=$((tries + 1))
+        sleep 0.25
+    done
+}
+
+# Unload: unload the previous model, load nothing.
+if [ -n "$unload" ]; then
+    if [ -n "$previous" ]; then
+        unload_and_wait "$previous" || exit 1
+        exit 0
+    fi
+    # Nothing known to be loaded: unload whatever Ollama holds, best effort.
+    if ! command -v jq >/dev/null 2>&1; then
+        echo "unload: nothing known to be loaded and jq not installed: nothing to do"
+        exit 0
+    fi
+    loaded=$(curl -sS ${CURL_OPTS:-} "$base/api/ps" | jq -r '.models[]?.name' 2>/dev/null || true)
+    if [ -z "$loaded" ]; then
+        echo "unload: nothing known to be loaded, and Ollama at $base lists no model"
+    fi
+    for name in $loaded; do
+        unload_and_wait "$name" || echo "warning: $name may still be loaded" >&2
+    done
+    exit 0
+fi
 
 # 1. Unload what holds the GPU.
 if [ -z "$previous" ]; then

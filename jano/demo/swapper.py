@@ -73,3 +73,24 @@ class SimulatedSwapper:
 
         calls.append(self._clock.callLater(self.delay, loaded))
         return done
+
+    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+        """
+        Mark ``model``'s server unloaded after a tenth of ``delay`` (unloading
+        is quicker than loading) and fire ``None``; ``history`` records it with
+        an empty target.
+        """
+        server = self._servers.get(model.name)
+        if server is None:
+            return fail(LookupError(f"no fake server for model {model.name!r}"))
+        self.history.append((group, model.name, ""))
+        calls: list[IDelayedCall] = []
+        done: Deferred[None] = Deferred(lambda _: calls[0].cancel() if calls and calls[0].active()
+                                        else None)
+
+        def unloaded() -> None:
+            server.set_loaded(None)
+            done.callback(None)
+
+        calls.append(self._clock.callLater(self.delay / 10, unloaded))
+        return done

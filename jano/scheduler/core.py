@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 
-from jano.errors import Draining, ModelUnavailable, QueueFull
+from jano.errors import Busy, Draining, ModelUnavailable, QueueFull
 from jano.interfaces import Swapper
 from jano.records import GroupState, ModelSpec, SchedulerSnapshot, SwapEvent, Ticket
 from jano.scheduler.policy import Policy
@@ -41,14 +41,20 @@ class Scheduler(Policy):
     :param retry_backoff: seconds a model stays down after a failed swap.
     :param initial: group name to the model known to be resident at start-up.
     :param on_swap: called once with a :class:`SwapEvent` when any swap attempt ends.
+    :param collate: seconds a swap away from an idle resident is held back
+        (0: decided at once, as before collation windows existed).
+    :param min_residency: seconds a model swapped in is not evicted for an idle gap.
+    :param ttl: seconds idle before a resident is unloaded, unless its spec says
+        otherwise (0: never).
     """
 
     def __init__(self, models: Sequence[ModelSpec], swapper: Swapper, clock: IReactorTime, *,
                  max_wait: float = 120.0, max_queue: int = 256, retry_backoff: float = 5.0,
                  initial: Optional[Mapping[str, str]] = None,
-                 on_swap: Optional[Callable[[SwapEvent], None]] = None) -> None:
+                 on_swap: Optional[Callable[[SwapEvent], None]] = None,
+                 collate: float = 0.0, min_residency: float = 0.0, ttl: float = 0.0) -> None:
         super().__init__(swapper, clock, max_wait=max_wait, retry_backoff=retry_backoff,
-                         on_swap=on_swap)
+                         on_swap=on_swap, collate=collate, min_residency=min_residency, ttl=ttl)
         self.max_queue = max_queue
         #: Removed models that still have requests in flight.
         self._retired: dict[str, Model] = {}
@@ -64,6 +70,9 @@ class Scheduler(Policy):
                 self.log.warn("initial model {model} is in group {actual}, not {group}",
                               model=model_name, actual=m.group.name, group=group_name)
             m.group.resident = m
+        for g in self._groups.values():  # an idle initial resident's TTL runs from now
+            self._dirty[g] = None
+        self._run()
 
     # --- the seam --------------------------------------------------------------------------
 
@@ -114,6 +123,53 @@ class Scheduler(Policy):
         self._touch(m)
         self._run()
 
+    def load(self, model: str) -> Deferred[None]:
+        """
+        Make ``model`` its group's resident, as a request for it would: it
+        queues behind what waits, the starvation guard applies, and it
+        never evicts work in flight.
+
+        :raises KeyError: when ``model`` is not configured.
+        :raises Busy: when ``model`` is ``always_on`` (always loaded).
+        :return: fires when ``model`` is resident; fails as an admission would
+            (:class:`ModelUnavailable` after a failed swap, :class:`Draining`).
+        """
+        m = self._models[model]
+        if m.group is None:
+            raise Busy(f"model {model!r} is always_on: it is always loaded")
+        # The load holds a slot for no time at all.
+        loaded: Deferred[None] = self.admit(model).addCallback(self.release)
+        return loaded
+
+    def unload(self, model: str) -> bool:
+        """
+        Unload ``model`` now, leaving its group's slot empty.
+
+        :raises KeyError: when ``model`` is not configured.
+        :raises Busy: when ``model`` is always_on, has requests in flight or
+            waiting, or its group is swapping.
+        :return: ``True`` if an unload started, ``False`` if ``model`` was not
+            loaded (nothing to do).
+        """
+        m = self._models[model]
+        g = m.group
+        if g is None:
+            raise Busy(f"model {model!r} is always_on: it cannot be unloaded")
+        if g.unloading is m:
+            return True
+        if g.busy:
+            raise Busy(f"group {g.name!r} is swapping; try again when it is done")
+        if g.resident is not m:
+            return False
+        if m.in_flight or m.live:
+            raise Busy(f"model {model!r} has {m.in_flight} requests in flight and {m.live} "
+                       "waiting; it is never evicted while it has work")
+        if self._draining:
+            raise Draining()
+        self.start_unload(g, m, "requested")
+        self._run()
+        return True
+
     def snapshot(self) -> SchedulerSnapshot:
         """Everything telemetry shows about queues, slots and swaps, right now."""
         now = self.clock.seconds()
@@ -127,6 +183,9 @@ class Scheduler(Policy):
                 loaded_at=g.loaded_at,
                 swapping_to=g.swapping_to.name if g.swapping_to is not None else None,
                 swap_started_at=g.swap_started_at,
+                unloading=g.unloading.name if g.unloading is not None else None,
+                unload_at=(g.idle_since + self.ttl_of(g.resident)
+                           if g.idle_since is not None and g.resident is not None else None),
             )
             for g in self._groups.values()
         )
@@ -164,7 +223,9 @@ class Scheduler(Policy):
         self._run()
         return d
 
-    def reconfigure(self, models: Sequence[ModelSpec], *, max_wait: float, max_queue: int) -> None:
+    def reconfigure(self, models: Sequence[ModelSpec], *, max_wait: float, max_queue: int,
+                    collate: Optional[float] = None,
+                    min_residency: Optional[float] = None, ttl: Optional[float] = None) -> None:
         """
         Apply a reloaded configuration.  Queued and in-flight requests of models
         that still exist are kept; waiters of removed models fail with
@@ -174,6 +235,12 @@ class Scheduler(Policy):
         """
         self.max_wait = max_wait
         self.max_queue = max_queue
+        if collate is not None:
+            self.collate = collate
+        if min_residency is not None:
+            self.min_residency = min_residency
+        if ttl is not None:
+            self.ttl = ttl
         wanted = {spec.name for spec in models}
         for name in [n for n in self._models if n not in wanted]:
             m = self._models.pop(name)
@@ -218,7 +285,7 @@ class Scheduler(Policy):
         for g in self._groups.values():
             g.members = [m for m in ordered.values() if m.group is g]
         for name in [n for n, g in self._groups.items()
-                     if not g.members and g.resident is None and g.swapping_to is None]:
+                     if not g.members and g.resident is None and not g.busy]:
             g = self._groups.pop(name)
             self._set_timer(g, None)
             self._cancel_swap_call(g)

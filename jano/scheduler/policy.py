@@ -22,28 +22,12 @@ from twisted.python.failure import Failure
 from jano.errors import ModelUnavailable
 from jano.interfaces import Swapper
 from jano.records import SwapEvent, SwapResult, Ticket
-from jano.scheduler.state import Group, Model, Waiter, ewma
+from jano.scheduler.state import Group, Model, Waiter
+from jano.scheduler.swaps import SwapRunner, swap_error
 
 __all__ = ["Policy", "swap_error"]
 
-_FAILURE_RESULTS: frozenset[str] = frozenset({"failed", "timeout", "not_ready"})
-
-
-def swap_error(failure: Failure) -> tuple[SwapResult, str]:
-    """Map a failed swap to ``SwapEvent.result`` and one line of cause."""
-    exc = failure.value
-    raw = getattr(exc, "result", "failed")
-    result = cast(SwapResult, raw if raw in _FAILURE_RESULTS else "failed")
-    cause = getattr(exc, "cause", None)
-    if not isinstance(cause, str) or not cause:
-        if isinstance(exc, CancelledError):
-            cause = "swap cancelled"
-        else:
-            cause = str(exc) or type(exc).__name__
-    return result, cause
-
-
-class Policy:
+class Policy(SwapRunner):
     """
     The scheduler's tables, the loop, the per-group planning, the starvation
     guard's timers, the waiters' Deferreds and the swaps.
@@ -54,15 +38,25 @@ class Policy:
         stops the resident model from taking newer requests.
     :param retry_backoff: seconds a model stays down after a failed swap.
     :param on_swap: called once with a :class:`SwapEvent` when any swap attempt ends.
+    :param collate: seconds a swap away from an idle resident is held back, so
+        that requests for the resident arriving meanwhile are served first.
+    :param min_residency: seconds after a model was swapped in during which
+        an idle gap does not evict it.
+    :param ttl: seconds a resident may sit idle (nothing queued or in flight)
+        before it is unloaded, for models whose spec sets no ``ttl``; 0: never.
     """
 
     log = Logger()
 
     def __init__(self, swapper: Swapper, clock: IReactorTime, *, max_wait: float,
-                 retry_backoff: float, on_swap: Optional[Callable[[SwapEvent], None]]) -> None:
+                 retry_backoff: float, on_swap: Optional[Callable[[SwapEvent], None]],
+                 collate: float = 0.0, min_residency: float = 0.0, ttl: float = 0.0) -> None:
         self.swapper = swapper
+        self.ttl = ttl
         self.clock = clock
         self.max_wait = max_wait
+        self.collate = collate
+        self.min_residency = min_residency
         self.retry_backoff = retry_backoff
         self.on_swap = on_swap
         self._models: dict[str, Model] = {}
@@ -121,13 +115,14 @@ class Policy:
 
     def _drained(self) -> bool:
         return (self._draining and bool(self._drain_waiters) and not self._owner
-                and all(g.swapping_to is None for g in self._groups.values()))
+                and not any(g.busy for g in self._groups.values()))
 
     def _plan_group(self, g: Group) -> None:
         """Decide what one group does now: dispatch, wait, or start a swap."""
-        if g.swapping_to is not None:
+        if g.busy:
             self._set_timer(g, None)
             self._cancel_swap_call(g)
+            self._idle(g, None)
             return
         now = self.clock.seconds()
         r = g.resident
@@ -135,6 +130,7 @@ class Policy:
             if r.in_flight:
                 self._set_timer(g, None)
                 self._cancel_swap_call(g)
+                self._idle(g, None)
                 return  # it still runs requests: never evict it
             self.log.info("group {group}: {model} left the group; slot is now unknown",
                           group=g.name, model=r.name)
@@ -167,6 +163,8 @@ class Policy:
         if r is not None:
             self._dispatch(r, g)
             if r.in_flight:
+                g.want_since = None
+                self._idle(g, None)
                 wake = None
                 if g.latch is None and oldest is not None:
                     wake = oldest.ticket.arrived_at + self.max_wait
@@ -175,12 +173,80 @@ class Policy:
                 return
         self._set_timer(g, None)
         if oldest is None or self._draining:
+            g.want_since = None
             self._cancel_swap_call(g)
+            self._idle(g, now if oldest is None and r is not None and not self._draining else None)
             return
-        if g.swap_ready:
+        self._idle(g, None)
+        hold = self._hold_until(g, oldest, now)
+        if hold is not None and now < hold:
+            self._swap_turn_at(g, hold)  # collate: the resident may still be asked for
+        elif g.swap_ready:
             self._start_swap(g, r, oldest.model, now)
         elif g.swap_call is None:
             g.swap_call = self.clock.callLater(0, self._swap_turn, g)
+
+    def _hold_until(self, g: Group, oldest: Waiter, now: float) -> Optional[float]:
+        """
+        Until when a swap away from ``g``'s idle resident waits: the collation
+        window from the moment the swap was first wanted, and the minimum
+        residency of a model swapped in; never past ``max_wait`` of the
+        oldest waiter, so the starvation bound is unchanged.
+        """
+        if g.resident is None:
+            return None  # nobody to collate for: the slot is empty or unknown
+        if g.want_since is None:
+            g.want_since = now
+        hold = g.want_since + self.collate
+        if self.min_residency and g.loaded_at is not None:
+            hold = max(hold, g.loaded_at + self.min_residency)
+        return min(hold, oldest.ticket.arrived_at + self.max_wait)
+
+    def ttl_of(self, m: Model) -> float:
+        ttl = m.spec.ttl
+        return self.ttl if ttl is None else ttl
+
+    def _idle(self, g: Group, now: Optional[float]) -> None:
+        """
+        The resident is idle with nothing waiting since ``now`` (``None``: it
+        is not): keep its TTL timer in step.
+        """
+        r = g.resident
+        ttl = self.ttl_of(r) if r is not None and now is not None else 0.0
+        if not ttl:
+            g.idle_since = None
+            if g.ttl_call is not None:
+                if g.ttl_call.active():
+                    g.ttl_call.cancel()
+                g.ttl_call = None
+            return
+        if g.idle_since is None:
+            assert now is not None
+            g.idle_since = now
+        due = g.idle_since + ttl
+        call = g.ttl_call
+        if call is not None and call.active() and call.getTime() == due:
+            return
+        if call is not None and call.active():
+            call.cancel()
+        g.ttl_call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._ttl_due, g)
+
+    def _ttl_due(self, g: Group) -> None:
+        g.ttl_call = None
+        r = g.resident
+        if (self._groups.get(g.name) is not g or r is None or r.in_flight or g.busy
+                or self._draining or any(m.live for m in g.members)):
+            return
+        self.start_unload(g, r, "idle")
+        self._run()
+
+    def _swap_turn_at(self, g: Group, when: float) -> None:
+        call = g.swap_call
+        if call is not None and call.active() and call.getTime() == when:
+            return
+        self._cancel_swap_call(g)
+        g.swap_call = self.clock.callLater(max(0.0, when - self.clock.seconds()),
+                                           self._swap_turn, g)
 
     def _dispatch(self, m: Model, g: Optional[Group]) -> None:
         """Hand ``m``'s waiters their tickets while slots are free and the guard allows."""
@@ -278,87 +344,3 @@ class Policy:
             return
         self._touch(m)
         self._run()
-
-    # --- swaps ---------------------------------------------------------------------------------
-
-    def _start_swap(self, g: Group, previous: Optional[Model], target: Model, now: float) -> None:
-        g.swapping_to = target
-        g.swap_started_at = now
-        g.swaps_started += 1
-        g.swap_token += 1
-        g.latch = None
-        token = g.swap_token
-        self.log.info("group {group}: swapping {previous} -> {target} ({queued} waiting)",
-                      group=g.name, previous=previous.name if previous else None,
-                      target=target.name, queued=target.live)
-
-        def begin() -> None:
-            try:
-                d = self.swapper.swap(g.name, previous.spec if previous else None, target.spec)
-            except Exception:
-                d = fail()
-            d.addCallbacks(self._swap_ok, self._swap_failed,
-                           callbackArgs=(g, token, previous, target, now),
-                           errbackArgs=(g, token, previous, target, now))
-
-        self._actions.append(begin)
-
-    def _swap_ok(self, _: object, g: Group, token: int, previous: Optional[Model],
-                 target: Model, started: float) -> None:
-        if g.swap_token != token or g.swapping_to is not target:
-            return
-        now = self.clock.seconds()
-        g.swapping_to = None
-        g.swap_started_at = None
-        g.resident = target
-        g.loaded_at = now
-        g.load_seq = self._seq + 1
-        target.down_until = None
-        target.down_reason = None
-        g.latch = None
-        g.swap_mean = ewma(g.swap_mean, now - started)
-        self.log.info("group {group}: {target} loaded in {duration:.2f}s",
-                      group=g.name, target=target.name, duration=now - started)
-        self._report(SwapEvent(g.name, previous.name if previous else None, target.name,
-                               started, now - started, "ok"))
-        self._dirty[g] = None
-        self._run()
-
-    def _swap_failed(self, failure: Failure, g: Group, token: int, previous: Optional[Model],
-                     target: Model, started: float) -> None:
-        if g.swap_token != token or g.swapping_to is not target:
-            return
-        now = self.clock.seconds()
-        result, cause = swap_error(failure)
-        g.swapping_to = None
-        g.swap_started_at = None
-        g.resident = None
-        g.loaded_at = None
-        g.latch = None
-        target.down_until = now + self.retry_backoff
-        target.down_reason = cause
-        waiters = target.take_live()
-        self.log.warn("group {group}: swap {previous} -> {target} {result} after {duration:.2f}s: "
-                      "{cause}; {failed} waiters failed, down for {backoff}s",
-                      group=g.name, previous=previous.name if previous else None,
-                      target=target.name, result=result, duration=now - started, cause=cause,
-                      failed=len(waiters), backoff=self.retry_backoff)
-        self._report(SwapEvent(g.name, previous.name if previous else None, target.name,
-                               started, now - started, result, cause))
-        for w in waiters:
-            self._fail_waiter(w, ModelUnavailable(target.name, cause, self.retry_backoff))
-        self._dirty[g] = None
-        self._run()
-
-    def _report(self, event: SwapEvent) -> None:
-        if self.on_swap is None:
-            return
-        on_swap = self.on_swap
-
-        def report() -> None:
-            try:
-                on_swap(event)
-            except Exception:
-                self.log.failure("on_swap failed for {group}", group=event.group)
-
-        self._actions.append(report)

@@ -66,7 +66,7 @@ class Waiter:
         #: ``group.swaps_started`` at arrival, minus one if a swap was running then.
         self.swap_mark = 0
         if group is not None:
-            self.swap_mark = group.swaps_started - (1 if group.swapping_to is not None else 0)
+            self.swap_mark = group.swaps_started - (1 if group.busy else 0)
         self.error: Optional[Exception] = None
 
     @property
@@ -131,7 +131,8 @@ class Group:
 
     __slots__ = ("name", "members", "resident", "loaded_at", "load_seq", "swapping_to",
                  "swap_started_at", "swap_token", "swaps_started", "latch", "timer",
-                 "swap_mean", "swap_call", "swap_ready")
+                 "swap_mean", "swap_call", "swap_ready", "want_since", "unloading",
+                 "idle_since", "ttl_call")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -155,6 +156,19 @@ class Group:
         #: The one-turn delay between deciding a swap and starting it.
         self.swap_call: Optional[IDelayedCall] = None
         self.swap_ready = False
+        #: Since when the resident has been idle while another model waits (the
+        #: collation window runs from here); ``None`` while that is not so.
+        self.want_since: Optional[float] = None
+        #: The resident being unloaded (the slot is empty once it is done).
+        self.unloading: Optional[Model] = None
+        #: Since when the resident has had nothing queued or in flight (its TTL runs from here).
+        self.idle_since: Optional[float] = None
+        self.ttl_call: Optional[IDelayedCall] = None
+
+    @property
+    def busy(self) -> bool:
+        """A swap or an unload runs."""
+        return self.swapping_to is not None or self.unloading is not None
 
 
 # --- estimates and views -----------------------------------------------------------------

@@ -79,12 +79,14 @@ class _Attempt:
     log = Logger()
 
     def __init__(self, swapper: ScriptSwapper, group: str, previous: Optional[ModelSpec],
-                 target: ModelSpec) -> None:
+                 target: ModelSpec, *, unload: bool = False) -> None:
         self._s = swapper
         self._reactor = swapper._reactor
         self.group = group
         self.previous = previous
+        #: For an unload, the model being unloaded.
         self.target = target
+        self.unloading = unload
         self.result: Deferred[None] = Deferred(self._cancel)
         self._done = False
         self._phase: Literal["script", "ready"] = "script"
@@ -106,11 +108,19 @@ class _Attempt:
 
     def start(self) -> None:
         s = self._s
-        previous = self.previous.name if self.previous is not None else ""
-        argv = substitute(s.command, self.target.name, previous)
+        if self.unloading:
+            name = self.target.name
+            argv = (substitute(s.unload_command, name, name) if s.unload_command
+                    else substitute(s.command, "", name))
+            model, previous, action = "", name, "unload"
+        else:
+            previous = self.previous.name if self.previous is not None else ""
+            argv = substitute(s.command, self.target.name, previous)
+            model, action = self.target.name, "swap"
         env = dict(os.environ if s._env is None else s._env)
-        env.update(JANO_MODEL=self.target.name, JANO_PREVIOUS_MODEL=previous,
-                   JANO_UPSTREAM=self.target.upstream, JANO_GROUP=self.group)
+        env.update(JANO_MODEL=model, JANO_PREVIOUS_MODEL=previous,
+                   JANO_UPSTREAM=self.target.upstream, JANO_GROUP=self.group,
+                   JANO_ACTION=action)
         args = session_argv(argv, s._setsid)
         self._protocol = SwapScriptProtocol(self.target.name, self.group, s._max_line)
         try:
@@ -123,9 +133,9 @@ class _Attempt:
         self._pid = self._transport.pid
         self._script_running = True
         self._protocol.on_exit = self._script_exited
-        self.log.info("swap {group}: {previous} -> {model}: running {argv} (pid {pid})",
-                      group=self.group, previous=previous or "(unknown)",
-                      model=self.target.name, argv=argv, pid=self._pid)
+        self.log.info("{action} {group}: {previous} -> {model}: running {argv} (pid {pid})",
+                      action=action, group=self.group, previous=previous or "(unknown)",
+                      model=model or "(nothing)", argv=argv, pid=self._pid)
         self._deadline_call = self._reactor.callLater(s.swap_timeout, self._script_timed_out)
         self._protocol.ended.addBoth(self._script_ended)
 
@@ -201,6 +211,10 @@ class _Attempt:
             self._finish(Failure(SwapError("timeout", cause)))
         elif isinstance(outcome, Failure):
             self._finish(outcome)
+        elif self.unloading:  # nothing to wait for: the model is gone
+            self.log.info("unload of {model}: script done after {elapsed}", model=self.target.name,
+                          elapsed=_secs(round(self._reactor.seconds() - self._started_at, 3)))
+            self._finish(None)
         else:
             self.log.info("swap to {model}: script done after {elapsed}, waiting for {url}",
                           model=self.target.name, url=self.target.health_url,
@@ -327,11 +341,13 @@ class ScriptSwapper:
                  poll_interval: float = 0.5, kill_grace: float = 5.0,
                  env: Optional[Mapping[str, str]] = None,
                  killpg: Callable[[int, int], None] = os.killpg,
-                 max_line: int = 4096) -> None:
+                 max_line: int = 4096, unload_command: Sequence[str] = ()) -> None:
         if max_line < 1:
             raise ValueError("max_line must be at least 1")
         self._reactor = reactor
         self.command: tuple[str, ...] = tuple(command)
+        #: ``[swap] unload``; empty: unload with ``command`` and an empty ``{model}``.
+        self.unload_command: tuple[str, ...] = tuple(unload_command)
         self.swap_timeout = swap_timeout
         self.ready_timeout = ready_timeout
         self.poll_interval = poll_interval
@@ -353,7 +369,24 @@ class ScriptSwapper:
         """
         if not self.command:
             return fail(SwapError("failed", "no swap command is configured ([swap] command)"))
-        attempt = _Attempt(self, group, previous, target)
+        return self._run(_Attempt(self, group, previous, target))
+
+    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+        """
+        Unload ``model``, ``group``'s resident, leaving the slot empty: run
+        ``unload_command`` with ``{model}`` = ``model``, or else ``command``
+        with an empty ``{model}`` and ``{previous}`` = ``model``, with
+        ``JANO_ACTION=unload``.  No health is polled afterwards.
+
+        :return: fires ``None`` once the script exited 0; fails with
+            :class:`SwapError` otherwise (cancelling it kills the script).
+        """
+        if not self.command and not self.unload_command:
+            return fail(SwapError("failed", "no swap command is configured ([swap] command)"))
+        return self._run(_Attempt(self, group, model, model, unload=True))
+
+    @staticmethod
+    def _run(attempt: _Attempt) -> Deferred[None]:
         try:
             attempt.start()
         except Exception:

@@ -127,6 +127,12 @@ class Recorder:
             buckets=SWAP_BUCKETS,
             registry=registry,
         )
+        self._unloads = Counter(
+            "jano_model_unloads_total",
+            "Unloads that ended (idle TTL or requested), by model, result and reason.",
+            ["model", "result", "reason"],
+            registry=registry,
+        )
         self._disconnects = Counter(
             "jano_client_disconnects_total",
             "Clients that went away, by the phase their request was in.",
@@ -250,7 +256,13 @@ class Recorder:
             self._generation.append((now, label, tokens, seconds))
 
     def swap_finished(self, event: SwapEvent) -> None:
-        """Count one ended swap attempt, whatever its result."""
+        """Count one ended swap attempt (or unload), whatever its result."""
+        if event.kind == "unload":
+            result = event.result if event.result in SWAP_RESULTS else "other"
+            self._unloads.labels(self.label(event.from_model), result,
+                                 event.reason or "requested").inc()
+            self.recent_swaps.append(event)  # on the timeline, not in the swap rate
+            return
         label = self.label(event.to_model)
         result = event.result if event.result in SWAP_RESULTS else "other"
         self._swaps.labels(label, result).inc()

@@ -104,6 +104,8 @@ def _swap_entry(event: SwapEvent) -> dict[str, object]:
         "group": event.group,
         "from": event.from_model,
         "to": event.to_model,
+        "kind": event.kind,
+        "reason": event.reason,
         "result": event.result,
         "error": event.error,
         "durationMs": ms(event.duration),

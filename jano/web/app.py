@@ -28,15 +28,17 @@ from werkzeug.exceptions import NotFound
 from jano import __version__
 from jano.errors import Refusal, error_body
 from jano.forward import Exchange, Forwarder
+from jano.interfaces import Lifecycle
 from jano.records import ModelSpec, iso
 from jano.routing import MODEL_HEADER, Routed, route
 from jano.telemetry import Telemetry
 from jano.web import dashboard
+from jano.web.lifecycle import model_status, ollama_ps, request_load, request_unload
 from jano.web.site import UNAUTHORIZED, bearer_ok
 
 #: Paths Jano answers itself: another method on them gets 405, never the backend.
 OWN_ROUTES = frozenset({b"/health", b"/status", b"/usage", b"/metrics", b"/ui",
-                        b"/v1/models", b"/api/tags"})
+                        b"/v1/models", b"/api/tags", b"/api/ps"})
 
 _BAD_PATH = Refusal(400, "invalid path", "invalid_request_error", "bad_request")
 _DRAINING = Refusal(503, "Jano is shutting down", "unavailable_error", "draining")
@@ -101,6 +103,10 @@ class JanoApp:
     Jano's routes and the live state they read.
 
     :param fallback: the loaded model, for requests that name none.
+    :param lifecycle: the scheduler, for the model states and the load and
+        unload endpoints.
+    :param admin_key: the bearer token of the load and unload endpoints
+        (``None``: ``api_key``).
     """
 
     app = Klein()
@@ -108,7 +114,8 @@ class JanoApp:
 
     def __init__(self, models: tuple[ModelSpec, ...], forwarder: Forwarder,
                  telemetry: Telemetry, fallback: Callable[[], Optional[ModelSpec]], *,
-                 clock: IReactorTime, api_key: Optional[str] = None,
+                 lifecycle: Lifecycle, clock: IReactorTime, api_key: Optional[str] = None,
+                 admin_key: Optional[str] = None,
                  telemetry_key: Optional[str] = None, started_at: float = 0.0,
                  usage_ring: int = 1000, thrash_swaps_per_hour: int = 20) -> None:
         self.forwarder = forwarder
@@ -116,6 +123,8 @@ class JanoApp:
         self.fallback = fallback
         self.clock = clock
         self.api_key = api_key
+        self.admin_key = admin_key
+        self.lifecycle = lifecycle
         self.telemetry_key = telemetry_key
         self.started_at = started_at
         self.usage_ring = usage_ring
@@ -187,8 +196,10 @@ class JanoApp:
         if denied:
             return denied
         created = int(self.started_at)
+        snap = self.lifecycle.snapshot()
         return _json(request, 200, {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": created, "owned_by": "jano"}
+            {"id": m.name, "object": "model", "created": created, "owned_by": "jano",
+             "status": {"value": model_status(m, snap)}}  # llama-server router mode's field
             for m in self.models]})
 
     @app.route("/api/tags", methods=["GET", "HEAD"])
@@ -199,6 +210,38 @@ class JanoApp:
         when = iso(self.started_at)
         return _json(request, 200, {"models": [
             {"name": m.name, "model": m.name, "modified_at": when} for m in self.models]})
+
+    @app.route("/api/ps", methods=["GET", "HEAD"])
+    def ollama_ps(self, request: Request) -> bytes:
+        denied = self._denied(request, self.api_key)
+        if denied:
+            return denied
+        return _json(request, 200, ollama_ps(self.models, self.lifecycle.snapshot()))
+
+    # --- load and unload on request -----------------------------------------------------
+
+    @app.route("/models/<path:name>/load", methods=["POST"])
+    def load_model(self, request: Request, name: str) -> bytes:
+        return self._lifecycle(request, name, request_load)
+
+    @app.route("/models/<path:name>/unload", methods=["POST"])
+    def unload_model(self, request: Request, name: str) -> bytes:
+        return self._lifecycle(request, name, request_unload)
+
+    def _lifecycle(self, request: Request, name: str,
+                   act: Callable[[Lifecycle, ModelSpec], tuple[int, dict[str, object]]]) -> bytes:
+        key = self.admin_key if self.admin_key is not None else self.api_key
+        denied = self._denied(request, key)
+        if denied:
+            return denied
+        spec = self.by_name.get(name)
+        if spec is None:
+            return _error(request, 404, f"model {name!r} not found", "not_found_error")
+        if self.draining:
+            request.setHeader(b"retry-after", b"5")
+            return _error(request, 503, "Jano is shutting down", "unavailable_error")
+        status, body = act(self.lifecycle, spec)
+        return _json(request, status, body)
 
     # --- the dashboard: the page is public, its data routes are guarded -------------------
 
@@ -227,6 +270,9 @@ class JanoApp:
             request.setHeader(b"allow", b"GET, HEAD")
             return _error(request, 405, "method not allowed; use GET, HEAD",
                           "invalid_request_error")
+        if path.startswith(b"/models/") and path.endswith((b"/load", b"/unload")):
+            request.setHeader(b"allow", b"POST")
+            return _error(request, 405, "method not allowed; use POST", "invalid_request_error")
         fwd = self.forwarder
         arrived = fwd.clock.seconds()
         if not bearer_ok(request.requestHeaders, self.api_key):

@@ -176,3 +176,37 @@ def test_failing_swap_script_fails_fast_and_others_keep_being_served(two_models:
                for s in f.samples if s.name == "jano_model_swaps_total"]
     assert any(s.labels == {"to_model": "model-a", "result": "failed"} and s.value == 1
                for s in samples)
+
+
+def test_a_jittered_burst_at_an_idle_resident_costs_one_swap(two_models: dict[str, Any]) -> None:
+    """
+    The resident is idle when 8 requests, non-resident first and then
+    alternating, start on 8 connections 0 to 50 ms apart (a thread pool or
+    ``asyncio.gather`` "at once"): the collation window serves the resident's
+    requests first and then swaps once.  Each burst leaves the other model
+    resident, so the next burst starts with the roles swapped.
+    """
+    jano = two_models["start"](max_wait=60.0)
+    resident, other = "model-b", "model-a"
+    for spacing in (0.0, 0.001, 0.005, 0.01, 0.02, 0.05):
+        before = len(_calls(two_models["calls"]))
+        order = [other, resident] * 4
+        results: list[Any] = []
+        t0 = time.monotonic() + 0.2
+
+        def fire(i: int, model: str) -> None:
+            time.sleep(max(0.0, t0 + i * spacing - time.monotonic()))  # the client's pacing
+            status, _, body = post_json(jano.url + "/v1/chat/completions",
+                                        {"model": model, "messages": [], "max_tokens": 2},
+                                        timeout=60)
+            results.append((model, status, body.count(b"Tok")))
+
+        threads = [threading.Thread(target=fire, args=(i, m)) for i, m in enumerate(order)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(r[1] for r in results) == [200] * 8, (spacing, results)
+        calls = _calls(two_models["calls"])[before:]
+        assert [c[:2] for c in calls] == [[other, resident]], (spacing, calls)
+        resident, other = other, resident

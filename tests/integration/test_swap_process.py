@@ -143,7 +143,7 @@ async def test_exit_zero_with_argv_and_env(tmp_path: Path) -> None:
     assert (tmp_path / "argv").read_text().splitlines() == [
         str(script), "llama-8b", "--from=qwen-7b", "xllama-8by"]
     assert (tmp_path / "env").read_text().splitlines() == [
-        "EXTRA_SETTING=kept", "JANO_GROUP=gpu0", "JANO_MODEL=llama-8b",
+        "EXTRA_SETTING=kept", "JANO_ACTION=swap", "JANO_GROUP=gpu0", "JANO_MODEL=llama-8b",
         "JANO_PREVIOUS_MODEL=qwen-7b", "JANO_UPSTREAM=http://127.0.0.1:9"]
     pid, pgid = (tmp_path / "ids").read_text().split()
     assert pid == pgid, "the script leads its own process group"
@@ -401,8 +401,13 @@ class _Recorder(Resource):
         return answer
 
 
-def _ollama(loaded: set[str], known: set[str]) -> Callable[[str, str, Any], tuple[int, bytes]]:
-    """Answers as captured from Ollama v0.33 (ollama-unload.json, ollama-generate-load.json)."""
+def _ollama(loaded: set[str], known: set[str],
+            unload_delay: float = 0.0) -> Callable[[str, str, Any], tuple[int, bytes]]:
+    """Answers as captured from Ollama v0.33 (ollama-unload.json, ollama-generate-load.json).
+
+    With ``unload_delay``, an unloaded model stays listed by /api/ps that long
+    after the keep_alive 0 answer (Ollama frees the memory after answering).
+    """
 
     def handle(method: str, path: str, body: Any) -> tuple[int, bytes]:
         if (method, path) == ("GET", "/api/ps"):
@@ -414,7 +419,10 @@ def _ollama(loaded: set[str], known: set[str]) -> Callable[[str, str, Any], tupl
                                    separators=(",", ":")).encode()
         stamp = '"created_at":"2026-11-26T20:03:46.26531491Z","response":"","done":true'
         if body.get("keep_alive") == 0:
-            loaded.discard(name)
+            if unload_delay:
+                _reactor().callLater(unload_delay, loaded.discard, name)
+            else:
+                loaded.discard(name)
             return 200, ('{"model":"%s",%s,"done_reason":"unload"}' % (name, stamp)).encode()
         loaded.add(name)
         return 200, ('{"model":"%s",%s,"done_reason":"load"}' % (name, stamp)).encode()
@@ -473,8 +481,13 @@ async def test_ollama_script_unreachable() -> None:
     assert error.cause == f"swap script exited with status 1: cannot reach Ollama at {url}"
 
 
-def _router(status: dict[str, str]) -> Callable[[str, str, Any], tuple[int, bytes]]:
-    """Answers as captured from llama-server's router mode (the llamarouter-* files)."""
+def _router(status: dict[str, str],
+            unload_delay: float = 0.0) -> Callable[[str, str, Any], tuple[int, bytes]]:
+    """Answers as captured from llama-server's router mode (the llamarouter-* files).
+
+    With ``unload_delay``, an unloaded model stays "loaded" that long after the
+    unload answer (its child llama-server takes time to exit).
+    """
     from twisted.internet import reactor
 
     def error(code: int, message: str, kind: str = "invalid_request_error") -> tuple[int, bytes]:
@@ -492,7 +505,10 @@ def _router(status: dict[str, str]) -> Callable[[str, str, Any], tuple[int, byte
         if path == "/models/unload":
             if status.get(name) not in ("loaded", "loading"):
                 return error(400, "model is not running")
-            status[name] = "unloaded"
+            if unload_delay:
+                reactor.callLater(unload_delay, status.__setitem__, name, "unloaded")
+            else:
+                status[name] = "unloaded"
             return 200, b'{"success":true}'
         assert path == "/models/load"
         if name not in status:
@@ -634,3 +650,211 @@ async def test_pidfile_script_replaces_the_server(tmp_path: Path) -> None:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# --- unload: the shipped scripts called with an empty {model} -----------------------
+
+
+async def _unload(name: str, upstream: str, previous: str, *args: str,
+                  **env: str) -> tuple[int, list[str], list[str]]:
+    """Run a shipped script as Jano runs an unload through ``[swap] command =
+    [script, "{model}", "{previous}"]``: ``{model}`` empty, ``{previous}`` the
+    model to unload (``args``, when given, replace that argv).  Returns the exit
+    status and the stdout and stderr lines."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    if name in ("ollama.sh", "llama-router.sh"):
+        needs_curl()
+    script = REPO / "etc" / name if name == "swap-model.example.sh" else SCRIPTS / name
+    full = {k: v for k, v in os.environ.items() if not k.startswith("JANO_")}
+    full.update(JANO_ACTION="unload", JANO_MODEL="", JANO_PREVIOUS_MODEL=previous,
+                JANO_UPSTREAM=upstream, JANO_GROUP="gpu0", **env)
+    argv = list(args) if args else ["", previous]
+    d: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
+        str(script), argv, env=full, reactor=_reactor())
+    d.addTimeout(LIMIT, _reactor())
+    out, err, code = await d
+    return code, out.decode().splitlines(), err.decode().splitlines()
+
+
+def _stub_systemctl(tmp_path: Path) -> tuple[Path, Path]:
+    """A systemctl that logs its arguments; stopping llama-server@stuck fails."""
+    log = tmp_path / "calls"
+    stub = write_script(tmp_path / "systemctl", f"""\
+        echo "$*" >> {log}
+        if [ "$1" = stop ] && [ "$2" = "llama-server@stuck.service" ]; then
+            echo "Job for $2 canceled." >&2
+            exit 1
+        fi
+        """)
+    return stub, log
+
+
+@ensure_deferred
+async def test_systemd_script_unload(tmp_path: Path) -> None:
+    stub, log = _stub_systemctl(tmp_path)
+    code, out, err = await _unload("llama-server-systemd.sh", "http://127.0.0.1:9", "qwen-7b",
+                                   SYSTEMCTL=str(stub))
+    assert (code, err) == (0, [])
+    assert out[-1] == "qwen-7b unloaded (llama-server@qwen-7b.service stopped)"
+    assert log.read_text().splitlines() == ["stop llama-server@qwen-7b.service"]
+
+    # A "[swap] unload = [script, '{model}']" command: JANO_ACTION says it is an unload.
+    log.unlink()
+    code, out, err = await _unload("llama-server-systemd.sh", "http://127.0.0.1:9", "qwen-7b",
+                                   "qwen-7b", SYSTEMCTL=str(stub))
+    assert (code, err) == (0, [])
+    assert log.read_text().splitlines() == ["stop llama-server@qwen-7b.service"]
+
+    log.unlink()
+    code, out, err = await _unload("llama-server-systemd.sh", "http://127.0.0.1:9", "stuck",
+                                   SYSTEMCTL=str(stub))
+    assert code == 1
+    assert err[-1] == ("cannot stop llama-server@stuck.service "
+                       "(see: journalctl -u llama-server@stuck.service)")
+    assert log.read_text().splitlines() == ["stop llama-server@stuck.service"]
+
+
+@ensure_deferred
+async def test_pidfile_script_unload(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "a.gguf").write_bytes(b"GGUF")
+    server = write_script(tmp_path / "llama-server", f"""\
+        echo "$$ $*" >> {tmp_path}/started
+        trap 'kill $child 2>/dev/null; exit 0' TERM
+        sleep 600 &
+        child=$!
+        wait
+        """)
+    env = {"LLAMA_SERVER": str(server), "LLAMA_MODELS_DIR": str(models),
+           "LLAMA_PID_FILE": str(tmp_path / "server.pid"), "LLAMA_LOG_DIR": str(tmp_path / "logs"),
+           "LLAMA_START_CHECK": "0.2"}
+    pid = 0
+    try:
+        assert await _run_script("llama-server-pidfile.sh", "http://127.0.0.1:8080", None, "a",
+                                 **env) is None
+        pid = read_pid(tmp_path / "server.pid")
+        assert not gone(pid)
+
+        code, out, err = await _unload("llama-server-pidfile.sh", "http://127.0.0.1:8080", "a",
+                                       **env)
+        assert (code, err) == (0, [])
+        assert gone(pid), "exit 0 means the server has exited"
+        assert out[-1] == f"a unloaded (llama-server pid {pid} stopped)"
+        assert not (tmp_path / "server.pid").exists()
+        assert len((tmp_path / "started").read_text().splitlines()) == 1, "nothing new started"
+
+        # Unloading again: nothing runs, which is fine.
+        code, out, err = await _unload("llama-server-pidfile.sh", "http://127.0.0.1:8080", "a",
+                                       **env)
+        assert (code, err) == (0, [])
+        assert out[-1] == (f"no llama-server running (pid file: {tmp_path}/server.pid): "
+                           "a is not loaded")
+        assert len((tmp_path / "started").read_text().splitlines()) == 1
+    finally:
+        if pid:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@ensure_deferred
+async def test_ollama_script_unload_waits_until_gone() -> None:
+    loaded = {"gemma3-270m"}
+    fake = _Recorder(_ollama(loaded, {"gemma3-270m", "gemma3-270m-q8"}, unload_delay=0.4))
+    port, url = _listen(fake)
+    try:
+        code, out, err = await _unload("ollama.sh", url, "gemma3-270m")
+        assert (code, err) == (0, [])
+        assert loaded == set(), "exit 0 came before Ollama had let the model go"
+        assert out[-1] == "gemma3-270m unloaded"
+        assert [r for r in fake.requests if r[0] == "POST"] == [
+            ("POST", "/api/generate", {"model": "gemma3-270m", "keep_alive": 0})]
+        polls = [r for r in fake.requests if r == ("GET", "/api/ps", None)]
+        assert len(polls) >= 2, "it must poll /api/ps until the model is gone"
+
+        # A model Ollama does not know is not loaded either.
+        code, out, err = await _unload("ollama.sh", url, "nope")
+        assert (code, err) == (0, [])
+        assert out[-1] == "nope is not known to Ollama: nothing to unload"
+    finally:
+        await port.stopListening()
+    assert all(r[2] is None or r[2].get("keep_alive") == 0 for r in fake.requests), \
+        "an unload loads nothing"
+
+    error_url = url  # nothing listens there now
+    code, out, err = await _unload("ollama.sh", error_url, "gemma3-270m")
+    assert code == 1
+    assert err[-1] == f"cannot reach Ollama at {error_url}"
+
+
+@ensure_deferred
+async def test_router_script_unload_waits_until_unloaded() -> None:
+    status = {"q4": "loaded", "q8": "unloaded"}
+    fake = _Recorder(_router(status, unload_delay=0.4))
+    port, url = _listen(fake)
+    try:
+        code, out, err = await _unload("llama-router.sh", url, "q4")
+        assert (code, err) == (0, [])
+        assert [r for r in fake.requests if r[0] == "POST"] == [
+            ("POST", "/models/unload", {"model": "q4"})]
+        if shutil.which("jq"):
+            assert status == {"q4": "unloaded", "q8": "unloaded"}, \
+                "exit 0 came before the router had unloaded the model"
+            assert out[-1] == "q4 unloaded"
+            assert len([r for r in fake.requests if r[:2] == ("GET", "/models")]) >= 2
+
+        # Not running (any more): nothing to do.
+        if not shutil.which("jq"):
+            await sleep(0.5)  # it did not wait: let the fake finish unloading
+        code, out, err = await _unload("llama-router.sh", url, "q4")
+        assert (code, err) == (0, [])
+        assert out[-1] == "q4 was not running: nothing to unload"
+    finally:
+        await port.stopListening()
+    assert not [r for r in fake.requests if r[1] == "/models/load"], "an unload loads nothing"
+    assert status["q8"] == "unloaded"
+
+
+@pytest.mark.parametrize("name", ["llama-server-systemd.sh", "llama-server-pidfile.sh",
+                                  "ollama.sh", "llama-router.sh", "swap-model.example.sh"])
+@ensure_deferred
+async def test_unload_of_nothing_exits_zero(name: str, tmp_path: Path) -> None:
+    """Empty {model} and empty {previous}: exit 0, start nothing, never fail."""
+    log = tmp_path / "calls"
+    # Stopping every instance fails here: a best effort must still exit 0.
+    failing = write_script(tmp_path / "systemctl-failing", f"""\
+        echo "$*" >> {log}
+        echo "Failed to stop llama-server@*.service: Access denied" >&2
+        exit 1
+        """)
+    env = {"SYSTEMCTL": str(failing), "LLAMA_SERVER": str(tmp_path / "llama-server"),
+           "LLAMA_MODELS_DIR": str(tmp_path), "LLAMA_PID_FILE": str(tmp_path / "server.pid"),
+           "LLAMA_LOG_DIR": str(tmp_path / "logs")}
+    loaded = {"a:latest"}
+    ollama = _Recorder(_ollama(loaded, {"a:latest"}))
+    status = {"q4": "loaded", "q8": "unloaded"}
+    router = _Recorder(_router(status))
+    fake = {"ollama.sh": ollama, "llama-router.sh": router}.get(name, _Recorder(_router({})))
+    port, url = _listen(fake)
+    try:
+        code, out, err = await _unload(name, url, "", **env)
+        assert code == 0, err
+        assert out, "it says what it did"
+    finally:
+        await port.stopListening()
+    if name == "llama-server-systemd.sh":
+        assert log.read_text().splitlines() == ["stop llama-server@*.service"]
+        assert err[-1] == "warning: cannot stop the running llama-server instances"
+    assert not (tmp_path / "logs").exists(), "nothing started"
+    assert all(r[2] is None or r[2].get("keep_alive") == 0 for r in ollama.requests)
+    assert not [r for r in router.requests if r[1] == "/models/load"]
+    if shutil.which("jq"):  # then it can see what is loaded, and unloads it
+        assert loaded == (set() if name == "ollama.sh" else {"a:latest"})
+        assert status["q4"] == ("unloaded" if name == "llama-router.sh" else "loaded")
+
+    # The same with the backend unreachable (url: nothing listens there now).
+    code, out, err = await _unload(name, url, "", **env)
+    assert code == 0, err

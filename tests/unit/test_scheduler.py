@@ -63,6 +63,11 @@ class FakeSwapper:
         self.calls.append(call)
         return call.d
 
+    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+        call = SwapCall(group, model.name, "")  # an unload: no target
+        self.calls.append(call)
+        return call.d
+
     @property
     def pending(self) -> list[SwapCall]:
         return [c for c in self.calls if not c.d.called]
@@ -195,6 +200,121 @@ def test_a_swap_decided_and_undone_within_one_turn_is_not_started() -> None:
     a.d.cancel()  # ...and its only waiter goes away in the same turn
     rig.turn()
     assert rig.swapper.calls == [] and rig.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("spacing", [0.0, 0.001, 0.005, 0.01, 0.02, 0.05])
+def test_a_jittered_burst_costs_one_swap_with_the_collation_window(spacing: float) -> None:
+    # alpha resident and idle; beta alpha beta alpha ... arriving `spacing` apart;
+    # each request is answered 5 ms after dispatch, a swap takes 0.5 s.
+    rig = Rig([spec("alpha"), spec("beta")], initial={"gpu": "alpha"}, collate=0.25)
+    arrivals = [(round(i * spacing, 6), name) for i, name in enumerate(["beta", "alpha"] * 4)]
+    results: list[tuple[str, Result]] = []
+    released: set[int] = set()
+    step = 0.001
+    for tick in range(5000):
+        now = round(tick * step, 6)
+        rig.at(now)
+        for at, name in arrivals:
+            if at == now:
+                results.append((name, rig.admit(name)))
+        for _, r in results:
+            if (id(r) not in released and not r.waiting
+                    and now >= r.ticket.dispatched_at + 0.005):  # type: ignore[operator]
+                released.add(id(r))
+                rig.s.release(r.ticket)
+        for c in rig.swapper.pending:
+            started = rig.group().swap_started_at
+            if started is not None and now >= started + 0.5:
+                c.succeed()
+        if len(released) == len(arrivals):
+            break
+    assert len(released) == len(arrivals)
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("alpha", "beta")]
+    assert not any(r.ticket.waited_for_swap for n, r in results if n == "alpha")
+
+
+def test_without_a_window_the_same_jittered_burst_costs_two_swaps() -> None:
+    rig = Rig([spec("alpha"), spec("beta")], initial={"gpu": "alpha"}, collate=0.0)
+    b1 = rig.admit("beta")
+    rig.at(0.01)  # the lone beta's swap was decided and started a turn later
+    a1 = rig.admit("alpha")
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("alpha", "beta")]
+    rig.swapper.last().succeed()
+    rig.s.release(b1.ticket)
+    rig.turn()
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("alpha", "beta"),
+                                                                   ("beta", "alpha")]
+    rig.swapper.last().succeed()
+    rig.s.release(a1.ticket)
+
+
+def test_the_window_holds_a_swap_away_from_an_idle_resident_and_never_delays_the_resident() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"}, collate=0.3)
+    b = rig.admit("B")
+    rig.turn()
+    assert rig.swapper.calls == []  # held: A may still be asked for
+    rig.at(0.2)
+    a = rig.admit("A")
+    assert not a.waiting and a.ticket.queue_wait == 0.0  # the resident is served at once
+    rig.at(2.0)  # A busy: no swap, however long
+    assert rig.swapper.calls == []
+    rig.s.release(a.ticket)
+    rig.at(2.29)  # a new window from the moment A went idle
+    assert rig.swapper.calls == []
+    rig.at(2.3)
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("A", "B")]
+    rig.swapper.last().succeed()
+    assert not b.waiting and b.ticket.waited_for_swap
+
+
+def test_the_window_never_stretches_the_starvation_bound() -> None:
+    rig = Rig([spec("A", conc=1), spec("B")], initial={"gpu": "A"}, collate=5.0, max_wait=2.0)
+    b = rig.admit("B")
+    rig.at(1.0)
+    assert rig.swapper.calls == []
+    rig.at(2.0)  # B has waited max_wait: the hold ends there, not at 5 s
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("A", "B")]
+    rig.swapper.last().succeed()
+    assert not b.waiting
+
+
+def test_an_empty_or_unknown_slot_is_filled_without_a_window() -> None:
+    rig = Rig([spec("A"), spec("B")], collate=1.0)
+    rig.admit("B")
+    rig.turn()
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [(None, "B")]
+
+
+def test_min_residency_keeps_a_freshly_loaded_model_through_an_idle_gap() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"}, collate=0.0, min_residency=10.0)
+    b1 = rig.admit("B")
+    rig.turn()
+    rig.at(1.0)
+    rig.swapper.last().succeed()  # B loaded at t=1
+    rig.s.release(b1.ticket)
+    a = rig.admit("A")  # B idle, A waits: B was loaded 0 s ago
+    rig.at(5.0)
+    b2 = rig.admit("B")  # the conversation goes on: served at once
+    assert not b2.waiting and len(rig.swapper.calls) == 1
+    rig.s.release(b2.ticket)
+    rig.at(10.99)
+    assert len(rig.swapper.calls) == 1
+    rig.at(11.0)  # 10 s after B was loaded
+    assert [(c.previous, c.target) for c in rig.swapper.calls][-1] == ("B", "A")
+    rig.swapper.last().succeed()
+    assert not a.waiting
+
+
+def test_reconfigure_changes_the_window() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"}, collate=0.0)
+    rig.s.reconfigure([spec("A"), spec("B")], max_wait=120.0, max_queue=256, collate=1.0,
+                      min_residency=3.0)
+    assert (rig.s.collate, rig.s.min_residency) == (1.0, 3.0)
+    rig.admit("B")
+    rig.turn()
+    assert rig.swapper.calls == []
+    rig.at(1.0)
+    assert len(rig.swapper.calls) == 1
 
 
 def test_unknown_slot_first_request_swaps_from_none() -> None:
@@ -404,6 +524,9 @@ def test_a_swapper_that_answers_synchronously() -> None:
         def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
             return succeed(None)
 
+        def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+            return succeed(None)
+
     s = Scheduler([spec("A"), spec("B")], Instant(), clock)
     r = Result(s.admit("B"))
     clock.advance(0)
@@ -471,6 +594,9 @@ def test_a_swapper_that_raises_is_a_failed_swap() -> None:
 
     class Broken:
         def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
+            raise RuntimeError("no script")
+
+        def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
             raise RuntimeError("no script")
 
     s = Scheduler([spec("A")], Broken(), clock, on_swap=events.append)
@@ -726,3 +852,116 @@ def test_snapshot_fields() -> None:
     (g,) = snap.groups
     assert (g.name, g.resident, g.loaded_at, g.swapping_to, g.swap_started_at) == (
         "gpu", "A", None, None, None)
+
+
+# --- idle unload (TTL), manual load and unload ---------------------------------------------------
+
+
+def test_an_idle_resident_is_unloaded_after_its_ttl_and_the_slot_is_empty() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"}, ttl=60.0)
+    a = rig.admit("A")
+    rig.at(10.0)
+    rig.s.release(a.ticket)  # idle from t=10
+    rig.at(69.9)
+    assert rig.swapper.calls == []
+    rig.at(70.0)
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("A", "")]
+    assert rig.group().unloading == "A" and rig.group().resident == "A"
+    rig.at(71.0)
+    rig.swapper.last().succeed()
+    g = rig.group()
+    assert g.resident is None and g.unloading is None and g.loaded_at is None
+    assert [(e.kind, e.from_model, e.to_model, e.result, e.reason, e.duration)
+            for e in rig.events] == [("unload", "A", None, "ok", "idle", 1.0)]
+    b = rig.admit("B")  # the empty slot is filled at once, from nothing
+    rig.turn()
+    assert [(c.previous, c.target) for c in rig.swapper.calls][-1] == (None, "B")
+    rig.swapper.last().succeed()
+    assert not b.waiting
+
+
+def test_the_ttl_restarts_with_every_request_and_a_model_spec_overrides_it() -> None:
+    a_spec = ModelSpec("A", "http://127.0.0.1:1/A", group="gpu", ttl=5.0)
+    rig = Rig([a_spec, spec("B")], initial={"gpu": "A"}, ttl=60.0)
+    r = rig.admit("A")
+    rig.s.release(r.ticket)
+    rig.at(4.0)
+    r = rig.admit("A")  # busy again: the clock stops
+    rig.at(8.0)
+    rig.s.release(r.ticket)
+    rig.at(12.9)
+    assert rig.swapper.calls == []
+    rig.at(13.0)  # 5 s of idleness, the model's own ttl
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("A", "")]
+
+
+def test_a_request_arriving_during_an_unload_waits_and_loads_the_model_again() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"}, ttl=1.0)
+    rig.at(1.0)
+    assert rig.group().unloading == "A"
+    a = rig.admit("A")
+    assert a.waiting
+    rig.swapper.last().succeed()  # unloaded; A waits, so it is loaded again
+    rig.turn()
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("A", ""), (None, "A")]
+    rig.swapper.last().succeed()
+    assert not a.waiting and a.ticket.waited_for_swap
+
+
+def test_a_failed_unload_leaves_the_slot_unknown_and_is_reported() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"}, ttl=1.0)
+    rig.at(1.0)
+    rig.swapper.last().fail(SwapFailure("failed", "exit status 2"))
+    assert rig.group().resident is None
+    assert [(e.kind, e.result, e.error) for e in rig.events] == [("unload", "failed", "exit status 2")]
+
+
+def test_no_ttl_means_never_and_draining_unloads_nothing() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"})
+    rig.at(10_000.0)
+    assert rig.swapper.calls == []
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"}, ttl=5.0)
+    rig.s.drain()
+    rig.at(10.0)
+    assert rig.swapper.calls == []
+
+
+def test_unload_on_request_refuses_work_in_flight_and_always_on_models() -> None:
+    from jano.errors import Busy
+
+    rig = Rig([spec("A"), spec("B"), spec("E", always_on=True)], initial={"gpu": "A"})
+    a = rig.admit("A")
+    with pytest.raises(Busy, match="in flight"):
+        rig.s.unload("A")
+    with pytest.raises(Busy, match="always_on"):
+        rig.s.unload("E")
+    assert rig.s.unload("B") is False  # not loaded: nothing to do
+    with pytest.raises(KeyError):
+        rig.s.unload("nope")
+    rig.s.release(a.ticket)
+    assert rig.s.unload("A") is True
+    assert rig.s.unload("A") is True  # already unloading
+    with pytest.raises(Busy, match="swapping"):
+        rig.s.unload("B")
+    rig.swapper.last().succeed()
+    assert rig.events[-1].reason == "requested" and rig.group().resident is None
+
+
+def test_load_on_request_is_queued_like_a_request_and_fires_when_resident() -> None:
+    rig = Rig([spec("A"), spec("B"), spec("E", always_on=True)], initial={"gpu": "A"},
+              collate=0.0)
+    done: list[object] = []
+    rig.s.load("B").addBoth(done.append)
+    rig.turn()
+    assert [(c.previous, c.target) for c in rig.swapper.calls] == [("A", "B")]
+    assert done == []
+    rig.swapper.last().succeed()
+    assert done == [None]
+    assert rig.group().resident == "B" and rig.state("B").in_flight == 0  # it holds no slot
+    already: list[object] = []
+    rig.s.load("B").addBoth(already.append)
+    assert already == [None] and len(rig.swapper.calls) == 1
+    from jano.errors import Busy
+
+    with pytest.raises(Busy):
+        rig.s.load("E")

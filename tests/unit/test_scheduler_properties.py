@@ -58,6 +58,9 @@ class Setup:
     reqs: list[Req]
     swap_durations: list[float]
     swap_failures: list[bool]
+    #: The collation window and the minimum residency (seconds; 0: off).
+    collate: float = 0.0
+    min_residency: float = 0.0
 
     def group_of(self, name: str) -> Optional[str]:
         spec = next(m for m in self.models if m.name == name)
@@ -83,7 +86,8 @@ class World:
             self.loaded[group] = name
         self.s = Scheduler(setup.models, self, self.clock, max_wait=setup.max_wait,
                            max_queue=setup.max_queue, retry_backoff=3.0,
-                           initial=setup.initial, on_swap=self.events.append)
+                           initial=setup.initial, on_swap=self.events.append,
+                           collate=setup.collate, min_residency=setup.min_residency)
         self.seq = 0
         self.violations: list[str] = []
 
@@ -118,6 +122,23 @@ class World:
                 d.callback(None)
 
         self.clock.callLater(duration, finish)
+        return d
+
+    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+        self.expect(group not in self.swapping, f"an unload during a swap of {group}")
+        self.expect(self.loaded.get(group) == model.name,
+                    f"unloading {model.name}, but {self.loaded.get(group)} is loaded")
+        self.expect(self.in_flight[model.name] == 0,
+                    f"unloading {model.name} with {self.in_flight[model.name]} in flight")
+        self.swapping.add(group)
+        self.loaded[group] = None
+        d: Deferred[None] = Deferred()
+
+        def finish() -> None:
+            self.swapping.discard(group)
+            d.callback(None)
+
+        self.clock.callLater(0.5, finish)
         return d
 
     def arrive(self, r: Req) -> None:
@@ -236,7 +257,9 @@ def setups(draw: Any, *, failures: bool, cancels: bool, ample: bool,
         fails = draw(st.lists(st.integers(0, 3).map(lambda x: x == 0), min_size=1, max_size=8))
     return Setup(models, initial, max_wait=draw(st.floats(0.0, 40.0)),
                  max_queue=max_queue if max_queue is not None else draw(st.integers(1, 40)),
-                 reqs=reqs, swap_durations=durations, swap_failures=fails)
+                 reqs=reqs, swap_durations=durations, swap_failures=fails,
+                 collate=draw(st.sampled_from([0.0, 0.0, 0.25, draw(st.floats(0.0, 5.0))])),
+                 min_residency=draw(st.sampled_from([0.0, 0.0, draw(st.floats(0.0, 30.0))])))
 
 
 # --- properties --------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_argv_and_env_exactly() -> None:
     argv = ["/opt/jano/swap.sh", "llama-8b", "--from=qwen-7b"]
     env = {"PATH": "/usr/bin:/bin", "HOME": "/home/jano", "JANO_MODEL": "llama-8b",
            "JANO_PREVIOUS_MODEL": "qwen-7b", "JANO_UPSTREAM": "http://127.0.0.1:8082",
-           "JANO_GROUP": "gpu0"}
+           "JANO_GROUP": "gpu0", "JANO_ACTION": "swap"}
     reactor.expect_spawn(session_argv(argv, SETSID), env=env, path=None)
     d, proc, _ = started(reactor)
     assert proc.executable == proc.args[0]
@@ -115,6 +115,36 @@ def test_argv_and_env_exactly() -> None:
     proc.exit(0)
     assert outcome(d) is None
     reactor.assert_idle()
+
+
+def test_an_unload_runs_the_command_with_an_empty_model_and_polls_nothing() -> None:
+    reactor = FakeProcessReactor()
+    probe = ProbeStub(200)
+    d = make(reactor, probe).unload("gpu0", PREVIOUS)
+    proc = reactor.processes[-1]
+    assert proc.args[-3:] == ["/opt/jano/swap.sh", "", "--from=qwen-7b"]
+    assert proc.env is not None
+    assert {k: proc.env[k] for k in ("JANO_MODEL", "JANO_PREVIOUS_MODEL", "JANO_UPSTREAM",
+                                     "JANO_GROUP", "JANO_ACTION")} == {
+        "JANO_MODEL": "", "JANO_PREVIOUS_MODEL": "qwen-7b",
+        "JANO_UPSTREAM": "http://127.0.0.1:8081", "JANO_GROUP": "gpu0", "JANO_ACTION": "unload"}
+    assert not d.called
+    proc.exit(0)
+    assert outcome(d) is None
+    assert probe.urls == []  # an unloaded model has no health to wait for
+    reactor.assert_idle()
+
+
+def test_an_unload_command_of_its_own_gets_the_model_and_a_failure_is_a_swap_error() -> None:
+    reactor = FakeProcessReactor()
+    d = make(reactor, ProbeStub(200), unload_command=["/opt/jano/unload.sh", "{model}"]).unload(
+        "gpu0", PREVIOUS)
+    proc = reactor.processes[-1]
+    assert proc.args[-2:] == ["/opt/jano/unload.sh", "qwen-7b"]
+    proc.exit(3)
+    failure = outcome(d)
+    assert isinstance(failure, Failure) and failure.check(SwapError)
+    assert failure.value.result == "failed"
 
 
 def test_unknown_previous_is_empty() -> None:
@@ -136,7 +166,7 @@ def test_default_env_is_jano_environment_at_swap_time(monkeypatch: pytest.Monkey
     assert env is not None
     assert env["JANO_TEST_MARKER"] == "here"
     assert env == {**os.environ, "JANO_MODEL": "llama-8b", "JANO_PREVIOUS_MODEL": "",
-                   "JANO_UPSTREAM": "http://127.0.0.1:8082", "JANO_GROUP": "default"}
+                   "JANO_UPSTREAM": "http://127.0.0.1:8082", "JANO_GROUP": "default", "JANO_ACTION": "swap"}
     reactor.processes[0].exit(0)
 
 

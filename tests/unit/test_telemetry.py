@@ -338,6 +338,8 @@ def test_swaps_last_hour_and_last_swap() -> None:
         "group": "default",
         "from": "small",
         "to": "big",
+        "kind": "swap",
+        "reason": None,
         "result": "timeout",
         "error": "exit status 1",
         "durationMs": 12500.0,
@@ -697,3 +699,21 @@ def test_request_histograms_count_a_value_on_a_bound_in_that_bucket() -> None:
         b.observe(v)
     assert b.cumulative() == [("0.1", 2.0), ("1.0", 4.0), ("+Inf", 5.0)]  # le: less or equal
     assert b.sum == pytest.approx(8.6)
+
+
+def test_an_unload_is_on_the_timeline_and_counted_apart_from_swaps() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    clock, scheduler, _, telemetry = make(start=10_000.0)
+    telemetry.swap_finished(SwapEvent("default", "big", None, 10_000.0, 0.4, "ok",
+                                      kind="unload", reason="idle"))
+    status = telemetry.status()
+    assert status["swapsLastHour"] == 0 and status["lastSwap"] is None
+    entry = status["recentSwaps"][0]
+    assert (entry["from"], entry["to"], entry["kind"], entry["reason"], entry["result"],
+            entry["durationMs"]) == ("big", None, "unload", "idle", "ok", 400.0)
+    ctype, body = telemetry.metrics(None)
+    samples = [s for f in text_string_to_metric_families(body.decode())
+               for s in f.samples if s.name == "jano_model_unloads_total"]
+    assert [(s.labels, s.value) for s in samples] == [
+        ({"model": "big", "result": "ok", "reason": "idle"}, 1.0)]

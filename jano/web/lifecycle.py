@@ -1,0 +1,99 @@
+"""
+Model lifecycle on request: load and unload endpoints, and what each model's
+state is (``loaded``, ``loading``, ``unloading``, ``unloaded``) for the model
+lists, from the scheduler's own knowledge (never probed, never guessed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from twisted.logger import Logger
+
+from jano.errors import Busy, Draining
+from jano.interfaces import Lifecycle
+from jano.records import ModelSpec, SchedulerSnapshot, iso
+
+__all__ = ["ModelStatus", "model_status", "request_load", "request_unload", "ollama_ps"]
+
+ModelStatus = Literal["loaded", "loading", "unloading", "unloaded"]
+
+log = Logger()
+
+
+def model_status(spec: ModelSpec, snap: SchedulerSnapshot) -> ModelStatus:
+    """What ``spec`` is doing now, by its group's slot."""
+    if spec.always_on:
+        return "loaded"
+    for g in snap.groups:
+        if g.name != spec.group:
+            continue
+        if g.unloading == spec.name:
+            return "unloading"
+        if g.swapping_to == spec.name:
+            return "loading"
+        if g.resident == spec.name:
+            return "loaded"
+    return "unloaded"
+
+
+def request_load(scheduler: Lifecycle, spec: ModelSpec) -> tuple[int, dict[str, object]]:
+    """
+    Start loading ``spec`` unless its group has work in flight for another
+    model (never evicted: 409).  ``(status, body)``: 200 when it is loaded
+    already, 202 when loading started or is under way.
+    """
+    snap = scheduler.snapshot()
+    status = model_status(spec, snap)
+    if spec.always_on:
+        return 409, _error(f"model {spec.name!r} is always_on: it is always loaded", "conflict")
+    if status in ("loaded", "loading"):
+        return (200 if status == "loaded" else 202), {"model": spec.name, "status": status}
+    busy = [m for m in snap.models
+            if m.group == spec.group and not m.always_on and m.name != spec.name and m.in_flight]
+    if busy:
+        return 409, _error(f"group {spec.group!r} has {busy[0].in_flight} requests in flight for "
+                           f"{busy[0].name!r}; Jano never evicts work in flight, try again later",
+                           "conflict")
+    try:
+        d = scheduler.load(spec.name)
+    except Busy as e:
+        return 409, _error(str(e), "conflict")
+    d.addErrback(_load_failed, spec.name)
+    return 202, {"model": spec.name, "status": "loading"}
+
+
+def _load_failed(failure: object, name: str) -> None:
+    log.warn("load of {model} failed: {cause}", model=name,
+             cause=getattr(failure, "getErrorMessage", lambda: failure)())
+
+
+def request_unload(scheduler: Lifecycle, spec: ModelSpec) -> tuple[int, dict[str, object]]:
+    """Unload ``spec``: 202 when started, 200 when it was not loaded, 409 when it has work."""
+    try:
+        started = scheduler.unload(spec.name)
+    except Busy as e:
+        return 409, _error(str(e), "conflict")
+    except Draining:
+        return 503, _error("Jano is shutting down", "draining")
+    if not started:
+        return 200, {"model": spec.name, "status": "unloaded"}
+    return 202, {"model": spec.name, "status": "unloading"}
+
+
+def ollama_ps(models: tuple[ModelSpec, ...], snap: SchedulerSnapshot) -> dict[str, object]:
+    """
+    ``GET /api/ps`` as Ollama shapes it: the loaded models, with
+    ``expires_at`` when an idle TTL will unload them (``null`` otherwise).
+    Sizes are not reported: Jano does not measure memory.
+    """
+    unload_at = {g.resident: g.unload_at for g in snap.groups if g.resident}
+    loaded = [m for m in models if model_status(m, snap) == "loaded"]
+    return {"models": [
+        {"name": m.name, "model": m.name, "expires_at": iso(unload_at.get(m.name)),
+         "size": None, "size_vram": None, "digest": None, "details": None}
+        for m in loaded]}
+
+
+def _error(message: str, code: str, kind: Optional[str] = None) -> dict[str, object]:
+    return {"error": {"message": message, "type": kind or "invalid_request_error", "code": code}}
