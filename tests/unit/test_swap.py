@@ -144,7 +144,7 @@ def test_an_unload_command_of_its_own_gets_the_model_and_a_failure_is_a_swap_err
     proc.exit(3)
     failure = outcome(d)
     assert isinstance(failure, Failure) and failure.check(SwapError)
-    assert failure.value.result == "failed"
+    assert isinstance(failure.value, SwapError) and failure.value.result == "failed"
 
 
 def test_unknown_previous_is_empty() -> None:

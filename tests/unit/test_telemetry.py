@@ -709,7 +709,7 @@ def test_an_unload_is_on_the_timeline_and_counted_apart_from_swaps() -> None:
                                       kind="unload", reason="idle"))
     status = telemetry.status()
     assert status["swapsLastHour"] == 0 and status["lastSwap"] is None
-    entry = status["recentSwaps"][0]
+    entry: Any = status["recentSwaps"][0]  # type: ignore[index]
     assert (entry["from"], entry["to"], entry["kind"], entry["reason"], entry["result"],
             entry["durationMs"]) == ("big", None, "unload", "idle", "ok", 400.0)
     ctype, body = telemetry.metrics(None)
