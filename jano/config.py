@@ -41,6 +41,14 @@ class ServerConfig:
     max_connections_per_client: int = 1024
     #: Seconds a client connection may idle between requests (or trickle a head in).
     idle_timeout: float = 60.0
+    #: Seconds without a body byte mid-stream before the request ends as stalled.
+    stall_timeout: float = 120.0
+    #: Stalls or header timeouts in a row that mark a model stalled (0: never).
+    stall_threshold: int = 3
+    #: Seconds a stalled model's requests fail fast before one may try again.
+    stall_cooldown: float = 30.0
+    #: Response header carrying each request's id ("" : none).
+    request_id_header: str = "X-Jano-Request-Id"
     #: Bearer token for the proxy routes (``None``: open).
     api_key: Optional[str] = field(default=None, repr=False)
     #: Bearer token for loading and unloading models (``None``: ``api_key``).
@@ -148,6 +156,13 @@ def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
+def _header_name(value: str) -> Optional[str]:
+    token = "!#$%&'*+-.^_`|~"
+    if value and not all(c.isascii() and (c.isalnum() or c in token) for c in value):
+        return "expected a header name (letters, digits and -), or \"\" for none"
+    return None
+
+
 def _upstream(value: str) -> Optional[str]:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -189,7 +204,8 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
     _check_keys(srv, ("listen", "upstream_timeout", "max_body_bytes", "idle_write_timeout",
                       "shutdown_grace", "api_key", "api_key_file", "telemetry_key",
                       "telemetry_key_file", "max_connections", "max_connections_per_client",
-                      "idle_timeout", "admin_key", "admin_key_file"), "server")
+                      "idle_timeout", "admin_key", "admin_key_file", "stall_timeout",
+                      "stall_threshold", "stall_cooldown", "request_id_header"), "server")
     server = ServerConfig(
         listen=_get(srv, "listen", "server", str, DEFAULT_LISTEN),
         upstream_timeout=_get(srv, "upstream_timeout", "server", float, 600.0, _positive),
@@ -203,6 +219,12 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         max_connections_per_client=_get(srv, "max_connections_per_client", "server", int, 1024,
                                         lambda v: None if v >= 1 else "expected at least 1"),
         idle_timeout=_get(srv, "idle_timeout", "server", float, 60.0, _positive),
+        stall_timeout=_get(srv, "stall_timeout", "server", float, 120.0, _positive),
+        stall_threshold=_get(srv, "stall_threshold", "server", int, 3,
+                             lambda v: None if v >= 0 else "expected 0 (never) or more"),
+        stall_cooldown=_get(srv, "stall_cooldown", "server", float, 30.0, _positive),
+        request_id_header=_get(srv, "request_id_header", "server", str, "X-Jano-Request-Id",
+                               _header_name),
         api_key=_read_key(srv, "api_key", "server", base),
         telemetry_key=_read_key(srv, "telemetry_key", "server", base),
         admin_key=_read_key(srv, "admin_key", "server", base),

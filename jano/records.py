@@ -97,8 +97,21 @@ Outcome = Literal[
     "completed",  # the upstream body ended cleanly
     "client_disconnected",  # the client went away (queued or mid-stream)
     "upstream_error",  # refused, timed out, died mid-stream
+    "upstream_stalled",  # no body byte for stall_timeout mid-stream
     "rejected",  # answered by Jano itself with an error (queue full, swap failed, bad input)
 ]
+
+
+class LiveRequest(NamedTuple):
+    """A request Jano holds right now, as ``GET /queue`` shows it."""
+
+    id: int
+    model: str
+    #: ``queued``, ``waiting_headers`` (forwarded, no answer yet) or ``streaming``.
+    phase: str
+    arrived_at: float
+    #: When the scheduler let it go (``None`` while queued).
+    dispatched_at: Optional[float]
 
 
 class UsageRecord(NamedTuple):
@@ -125,7 +138,7 @@ class UsageRecord(NamedTuple):
     outcome: Outcome
 
 
-HealthState = Literal["up", "down", "loading", "unloaded", "unknown"]
+HealthState = Literal["up", "down", "loading", "unloaded", "unknown", "stalled"]
 
 
 @dataclass(eq=False)
@@ -169,6 +182,9 @@ class ModelState:
     down_until: Optional[float] = None
     #: Cause of the last failed swap, while ``down_until`` is set.
     down_reason: Optional[str] = None
+    #: Observed mean seconds a request holds its slot (``None``: none finished yet).
+    service_mean: Optional[float] = None
+    max_concurrency: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +201,8 @@ class GroupState:
     unloading: Optional[str] = None
     #: When the idle resident will be unloaded (its TTL), ``None`` if not idle or no TTL.
     unload_at: Optional[float] = None
+    #: Observed mean seconds of a swap in this group (``None``: none seen yet).
+    swap_mean: Optional[float] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +213,8 @@ class SchedulerSnapshot:
     models: tuple[ModelState, ...]
     groups: tuple[GroupState, ...]
     draining: bool = False
+    #: When the scheduler last let a request go (``None``: never).
+    last_dispatch_at: Optional[float] = None
 
 
 # --- timestamps: the one place clock seconds become wire formats -------------------------

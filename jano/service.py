@@ -27,7 +27,7 @@ from jano.config import Config, ConfigError, load_config
 from jano.errors import SwapCommandError
 from jano.forward import Forwarder
 from jano.forward.agent import make_agent, make_pool
-from jano.records import ModelSpec, SwapEvent
+from jano.records import HealthState, ModelSpec, SwapEvent
 from jano.scheduler import Scheduler
 from jano.swap import ScriptSwapper, check_swap_command, http_probe
 from jano.swap.health import HealthMonitor
@@ -37,6 +37,12 @@ from jano.web.site import JanoSite
 
 #: Probes and readiness checks get their own short timeout.
 PROBE_TIMEOUT = 5.0
+
+
+def _stuck_after(config: Config) -> float:
+    """Longer than any legitimate wait: ``max_wait`` plus a whole swap and readiness wait."""
+    sch = config.scheduler
+    return sch.max_wait + sch.swap_timeout + sch.ready_timeout
 
 
 def _reactor(reactor: Any) -> Any:
@@ -106,12 +112,20 @@ class JanoService(MultiService):
                                     is_resident=self._is_resident)
         self.health.setServiceParent(self)
         self.telemetry = Telemetry(reactor, config.models, version=__version__,
-                                   snapshot=self.scheduler.snapshot, health=self.health.states,
-                                   usage_ring=config.telemetry.usage_ring)
+                                   snapshot=self.scheduler.snapshot, health=self._health_states,
+                                   usage_ring=config.telemetry.usage_ring,
+                                   max_wait=config.scheduler.max_wait,
+                                   stuck_after=_stuck_after(config))
+        srv = config.server
         self.forwarder = Forwarder(agent, reactor, self.scheduler, self.telemetry,
-                                   upstream_timeout=config.server.upstream_timeout,
-                                   idle_write_timeout=config.server.idle_write_timeout,
-                                   strip_authorization=config.server.api_key is not None)
+                                   upstream_timeout=srv.upstream_timeout,
+                                   idle_write_timeout=srv.idle_write_timeout,
+                                   strip_authorization=srv.api_key is not None,
+                                   stall_timeout=srv.stall_timeout,
+                                   stall_threshold=srv.stall_threshold,
+                                   stall_cooldown=srv.stall_cooldown,
+                                   request_id_header=srv.request_id_header.encode("latin-1")
+                                   or None)
         self.app = JanoApp(config.models, self.forwarder, self.telemetry, self._fallback,
                            lifecycle=self.scheduler, clock=reactor,
                            api_key=config.server.api_key, admin_key=config.server.admin_key,
@@ -143,6 +157,13 @@ class JanoService(MultiService):
             self.health.observed(event.to_model, "up")
         elif event.kind == "unload" and event.from_model is not None:
             self.health.observed(event.from_model, "unloaded")
+
+    def _health_states(self) -> Mapping[str, HealthState]:
+        """The probes' view, with the models the forward stage found stalled."""
+        states: dict[str, HealthState] = dict(self.health.states())
+        for model in self.forwarder.stalled_now():
+            states[model] = "stalled"
+        return states
 
     def _residents(self) -> Mapping[str, Optional[str]]:
         return {g.name: g.resident for g in self.scheduler.snapshot().groups}
@@ -195,6 +216,12 @@ class JanoService(MultiService):
         self.telemetry.set_models(new.models)
         self.health.set_models(new.models)
         self.forwarder.upstream_timeout = new.server.upstream_timeout
+        self.forwarder.stall_timeout = new.server.stall_timeout
+        self.forwarder.stall_threshold = new.server.stall_threshold
+        self.forwarder.stall_cooldown = new.server.stall_cooldown
+        self.forwarder.request_id_header = new.server.request_id_header.encode("latin-1") or None
+        self.telemetry.max_wait = new.scheduler.max_wait
+        self.telemetry.stuck_after = _stuck_after(new)
         self.forwarder.idle_write_timeout = new.server.idle_write_timeout
         self.forwarder.strip_authorization = new.server.api_key is not None
         site = self.site

@@ -7,6 +7,7 @@ chunk by chunk through a tee that keeps the body's tail for token counting
 from admission to its last byte.
 """
 
-from jano.forward.exchange import BytesProducer, Exchange, Forwarder, abort_client, write_error
+from jano.forward.exchange import BytesProducer, Exchange
+from jano.forward.forwarder import Forwarder, abort_client, cut_client, write_error
 
-__all__ = ["BytesProducer", "Exchange", "Forwarder", "abort_client", "write_error"]
+__all__ = ["BytesProducer", "Exchange", "Forwarder", "abort_client", "cut_client", "write_error"]

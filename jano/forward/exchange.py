@@ -23,11 +23,11 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from jano.errors import Draining, ModelUnavailable, QueueFull, Refusal, error_body
+from jano.errors import Draining, ModelUnavailable, QueueFull, Refusal
+from jano.forward.forwarder import Forwarder, Phase, abort_client, cut_client, write_error
 from jano.forward.headers import copy_response_headers, upstream_headers
 from jano.forward.tee import StreamTee
-from jano.interfaces import Admission, UsageSink
-from jano.records import ModelSpec, Outcome, Ticket, Usage, UsageRecord
+from jano.records import LiveRequest, ModelSpec, Outcome, Ticket, Usage, UsageRecord
 from jano.usage import TailBuffer, extract_usage, with_router_timing
 
 #: Bytes of each body's tail kept for token counting.
@@ -63,104 +63,6 @@ class BytesProducer:
         pass
 
 
-def write_error(request: Request, path: bytes, status: int, message: str, kind: str,
-                code: Optional[str] = None, retry_after: Optional[float] = None) -> None:
-    """
-    Answer a request with an API-shaped JSON error and finish it.
-
-    :param path: the path below Jano's mount point, which picks the error's shape.
-    """
-    body = error_body(path, status, message, kind, code)
-    request.setResponseCode(status)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-    if retry_after is not None:
-        request.responseHeaders.setRawHeaders(
-            b"retry-after", [str(max(1, int(retry_after + 0.999))).encode()])
-    request.write(body)
-    request.finish()
-
-
-def abort_client(request: Request) -> None:
-    """Drop the client's connection at once, unsent bytes and all (a client that reads nothing)."""
-    transport = request.transport
-    if transport is not None:
-        cast(ITCPTransport, transport).abortConnection()
-
-
-def cut_client(request: Request, clock: IReactorTime, grace: Optional[float]) -> None:
-    """
-    Close the client's connection once what was relayed is sent, without
-    ending the response: a chunked body with no last chunk, or fewer bytes
-    than its ``Content-Length``, is how HTTP says "truncated".  A client that
-    has not read it all ``grace`` seconds later is dropped.
-    """
-    transport = request.transport
-    if transport is None:
-        return
-    transport.loseConnection()
-    if grace is not None:
-        clock.callLater(grace, abort_client, request)  # a no-op once it is closed
-
-
-class Forwarder:
-    """Everything an :class:`Exchange` needs, shared by all of them."""
-
-    log = Logger()
-
-    def __init__(self, agent: IAgent, clock: IReactorTime, admission: Admission,
-                 recorder: UsageSink, *, upstream_timeout: float = 600.0,
-                 idle_write_timeout: Optional[float] = 300.0,
-                 strip_authorization: bool = False) -> None:
-        self.agent = agent
-        self.clock = clock
-        self.admission = admission
-        self.recorder = recorder
-        self.upstream_timeout = upstream_timeout
-        self.idle_write_timeout = idle_write_timeout
-        # Exchanges waiting for response headers, oldest first, with their
-        # deadlines; one timer for the oldest rather than one per request.
-        self._deadlines: dict["Exchange", float] = {}
-        self._deadline_call: Optional[IDelayedCall] = None
-        self.strip_authorization = strip_authorization
-
-    def await_headers(self, exchange: "Exchange") -> None:
-        """Time ``exchange`` out (``_headers_timeout``) unless :meth:`got_headers` comes first."""
-        self._deadlines[exchange] = self.clock.seconds() + self.upstream_timeout
-        if self._deadline_call is None:
-            self._deadline_call = self.clock.callLater(self.upstream_timeout, self._expire)
-
-    def got_headers(self, exchange: "Exchange") -> None:
-        self._deadlines.pop(exchange, None)
-
-    def _expire(self) -> None:
-        self._deadline_call = None
-        now = self.clock.seconds()
-        due = [e for e, at in self._deadlines.items() if at <= now]
-        for exchange in due:
-            del self._deadlines[exchange]
-        if self._deadlines:  # a reload may have shortened the timeout: take the earliest
-            wake = min(self._deadlines.values())
-            self._deadline_call = self.clock.callLater(max(0.0, wake - now), self._expire)
-        for exchange in due:
-            exchange._headers_timeout()
-
-    def refuse(self, request: Request, path: bytes, refusal: Refusal, arrived_at: float,
-               model: Optional[str] = None, stream: bool = False,
-               retry_after: Optional[float] = None) -> None:
-        """Answer with ``refusal`` and record the request as rejected."""
-        write_error(request, path, refusal.status, refusal.message, refusal.kind,
-                    retry_after=retry_after)
-        self.recorder.queue_rejected(refusal.reason)
-        self.recorder.request_finished(UsageRecord(
-            id=self.recorder.next_request_id(), model=model,
-            method=request.method.decode("ascii", "replace"),
-            path=path.decode("utf-8", "replace"), status=refusal.status,
-            stream=stream, arrived_at=arrived_at, queue_wait=None, waited_for_swap=False,
-            ttfb=None, duration=self.clock.seconds() - arrived_at, usage=None,
-            outcome="rejected"))
-
-
 class Exchange:
     """
     One proxied request, from admission to the last byte.
@@ -192,8 +94,13 @@ class Exchange:
         self.admit = admit
         self.stream = stream_hint
         self.arrived_at = arrived_at
-        self.phase = "new"
+        #: The id of this request in ``/usage``, ``/queue`` and the response header.
+        self.id = fwd.recorder.next_request_id()
+        self.phase: Phase = "new"
         self.ticket: Optional[Ticket] = None
+        self._forwarded_at: Optional[float] = None
+        self._streaming_since: Optional[float] = None
+        self._stalled = False
         self.status: Optional[int] = None
         self.ttfb: Optional[float] = None
         self.client_gone = False
@@ -207,6 +114,11 @@ class Exchange:
 
     def start(self) -> Deferred[None]:
         """Queue (or forward at once); the result is :attr:`done`."""
+        fwd = self.fwd
+        fwd.started(self)
+        if fwd.request_id_header:
+            self.request.responseHeaders.setRawHeaders(fwd.request_id_header,
+                                                       [b"%d" % self.id])
         if not self.admit:
             self._forward(None)
             return self.done
@@ -246,7 +158,7 @@ class Exchange:
             return
         self.phase = "done"
         self.fwd.refuse(self.request, self.path, refusal, self.arrived_at, self.spec.name,
-                        self.stream, retry_after)
+                        self.stream, retry_after, request_id=self.id)
         self._settle()
 
     def _forward(self, ticket: Optional[Ticket]) -> None:
@@ -256,6 +168,7 @@ class Exchange:
             self._end("client_disconnected")
             return
         self.phase = "waiting_headers"
+        self._forwarded_at = self.fwd.clock.seconds()
         request = self.request
         addr = request.getClientAddress()
         headers = upstream_headers(request.requestHeaders, getattr(addr, "host", None),
@@ -268,16 +181,37 @@ class Exchange:
         self.fwd.await_headers(self)
         d.addCallbacks(self._response, self._upstream_failed)
 
-    def _headers_timeout(self) -> None:
+    # --- what the forwarder's watches see -----------------------------------------------
+
+    def live(self) -> LiveRequest:
+        dispatched = self.ticket.dispatched_at if self.ticket is not None else self._forwarded_at
+        return LiveRequest(self.id, self.spec.name, self.phase, self.arrived_at, dispatched)
+
+    def last_byte_at(self) -> Optional[float]:
+        tee = self._tee
+        last = tee.last_at if tee is not None else None
+        return last if last is not None else self._streaming_since
+
+    def headers_timed_out(self) -> None:
         self._timed_out = True
         if self._waiting is not None:
             self._waiting.cancel()
+
+    def stalled(self) -> None:
+        """No body byte for ``stall_timeout``: give the upstream up, cut the client."""
+        if self.phase != "streaming" or self._tee is None:
+            return
+        self._stalled = True
+        self.log.warn("{model}: no body byte for {t:g}s; dropping the upstream request",
+                      model=self.spec.name, t=self.fwd.stall_timeout)
+        self._tee.stop_upstream()  # its end comes back through _body_ended
 
     def _response(self, response: IResponse) -> None:
         self._waiting = None
         self.fwd.got_headers(self)
         self.phase = "streaming"
         now = self.fwd.clock.seconds()
+        self._streaming_since = now
         self.ttfb = now - self.arrived_at
         self.status = response.code
         ctype = response.headers.getRawHeaders(b"content-type", [None])[0]
@@ -306,6 +240,7 @@ class Exchange:
         if self._timed_out:
             status, msg = 504, (f"upstream for model {name!r} sent no response within "
                                 f"{self.fwd.upstream_timeout:g}s")
+            self.fwd.failed(name, f"got no response headers within {self.fwd.upstream_timeout:g}s")
         elif failure.check(ConnectionRefusedError, ConnectError, DNSLookupError):
             status, msg = 502, f"upstream for model {name!r} refused the connection"
         elif failure.check(ResponseNeverReceived):
@@ -327,11 +262,15 @@ class Exchange:
         if not completed:
             # Cut the client's connection too, as a reverse proxy does: a cleanly
             # ended response would pass the truncation off as complete.
-            self.log.warn("{model}: upstream body ended early after {n} bytes; "
-                          "dropping the client connection", model=self.spec.name, n=nbytes)
+            if self._stalled:
+                self.fwd.failed(self.spec.name,
+                                f"sent no body byte for {self.fwd.stall_timeout:g}s")
+            else:
+                self.log.warn("{model}: upstream body ended early after {n} bytes; "
+                              "dropping the client connection", model=self.spec.name, n=nbytes)
             # Klein must not finish the response either: :attr:`done` stays
             # unfired until the connection is gone (Klein then cancels it).
-            self._end("upstream_error", settle=False)
+            self._end("upstream_stalled" if self._stalled else "upstream_error", settle=False)
             cut_client(self.request, self.fwd.clock, self.fwd.idle_write_timeout)
             return
         self.request.finish()
@@ -341,6 +280,7 @@ class Exchange:
             usage = extract_usage(self._tail.getvalue(), ctype, truncated=self._tail.truncated)
             if usage is not None and self.stream:
                 usage = with_router_timing(usage, first_at, last_at)
+        self.fwd.succeeded(self.spec.name)
         self._end("completed", usage)
 
     def _client_stalled(self) -> None:
@@ -363,13 +303,14 @@ class Exchange:
         if self.phase == "done":
             return
         self.phase = "done"
+        self.fwd.ended(self)
         self._tail = None
         if self.ticket is not None:
             self.fwd.admission.release(self.ticket)
         now = self.fwd.clock.seconds()
         ticket = self.ticket
         self.fwd.recorder.request_finished(UsageRecord(
-            id=self.fwd.recorder.next_request_id(), model=self.spec.name,
+            id=self.id, model=self.spec.name,
             method=self.request.method.decode("ascii", "replace"),
             path=self.path.decode("utf-8", "replace"),
             status=self.status, stream=self.stream, arrived_at=self.arrived_at,

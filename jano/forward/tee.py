@@ -109,6 +109,11 @@ class StreamTee(Protocol):
             self._unregister()
             self._upstream.stopProducing()
 
+    def stop_upstream(self) -> None:
+        """Drop the upstream connection (it went quiet); the end comes through ``connectionLost``."""
+        if self.transport is not None:
+            self._upstream.stopProducing()
+
     def _unregister(self) -> None:
         # A request whose connection is gone has no channel left to unregister from.
         if getattr(self._request, "channel", True) is not None:

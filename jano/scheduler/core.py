@@ -170,6 +170,22 @@ class Scheduler(Policy):
         self._run()
         return True
 
+    def mark_down(self, model: str, cause: str, seconds: float) -> None:
+        """
+        Refuse ``model`` for ``seconds`` (as after a failed swap): its waiting
+        requests fail now with :class:`ModelUnavailable` and ``cause``, and
+        new ones fail fast until then.  Used when the model stalls.
+        """
+        m = self._models.get(model)
+        if m is None:
+            return
+        m.down_until = self.clock.seconds() + seconds
+        m.down_reason = cause
+        for w in m.take_live():
+            self._fail_waiter(w, ModelUnavailable(model, cause, seconds))
+        self._touch(m)
+        self._run()
+
     def snapshot(self) -> SchedulerSnapshot:
         """Everything telemetry shows about queues, slots and swaps, right now."""
         now = self.clock.seconds()
@@ -186,11 +202,12 @@ class Scheduler(Policy):
                 unloading=g.unloading.name if g.unloading is not None else None,
                 unload_at=(g.idle_since + self.ttl_of(g.resident)
                            if g.idle_since is not None and g.resident is not None else None),
+                swap_mean=g.swap_mean,
             )
             for g in self._groups.values()
         )
         return SchedulerSnapshot(at=now, models=tuple(models), groups=groups,
-                                 draining=self._draining)
+                                 draining=self._draining, last_dispatch_at=self.last_dispatch_at)
 
     def drain(self) -> Deferred[None]:
         """

@@ -69,6 +69,7 @@ class Policy(SwapRunner):
         self._dirty: dict[Union[Group, Model], None] = {}
         self._actions: deque[Callable[[], None]] = deque()
         self._running = False
+        self.last_dispatch_at: Optional[float] = None
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -265,6 +266,7 @@ class Policy(SwapRunner):
             t.waited_for_swap = wg is not None and (wg is not m.group
                                                    or wg.swaps_started != w.swap_mark)
             m.in_flight += 1
+            self.last_dispatch_at = now
             self._owner[t] = m
             w.state = "dispatching"
             self._actions.append(lambda w=w: self._deliver(w))  # type: ignore[misc]

@@ -210,4 +210,6 @@ def model_state(m: Model, now: float, residents: set[int]) -> ModelState:
         resident=(spec.always_on and not m.removed) or id(m) in residents,
         down_until=m.down_until if down else None,
         down_reason=m.down_reason if down else None,
+        service_mean=m.service_mean,
+        max_concurrency=spec.max_concurrency,
     )

@@ -9,6 +9,7 @@ scrape in the format the scraper prefers.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Mapping, Optional
 
 from prometheus_client import CollectorRegistry
@@ -127,12 +128,14 @@ class ScrapeCollector:
         version: str,
         snapshot: Callable[[], SchedulerSnapshot],
         health: Callable[[], Mapping[str, HealthState]],
+        limits: Callable[[], tuple[float, float]] = lambda: (math.inf, math.inf),
     ) -> None:
         self._recorder = recorder
         self._clock = clock
         self._version = version
         self._snapshot = snapshot
         self._health = health
+        self._limits = limits
 
     def collect(self) -> Iterable[Metric]:
         now = self._clock.seconds()
@@ -162,9 +165,15 @@ class ScrapeCollector:
                 "(down, loading, unloaded, or not probed yet).",
                 labels=["model"],
             )
+            stalled = GaugeMetricFamily(
+                "jano_model_stalled",
+                "1 while the model's last requests stalled or got no headers: its requests "
+                "fail fast until the cooldown ends.", labels=["model"])
             for spec in self._recorder.models:
                 up.add_metric([spec.name], 1.0 if health.get(spec.name) == "up" else 0.0)
+                stalled.add_metric([spec.name], 1.0 if health.get(spec.name) == "stalled" else 0.0)
             yield up
+            yield stalled
 
     def _series_families(self) -> Iterable[Metric]:
         series = self._recorder.series
@@ -212,7 +221,32 @@ class ScrapeCollector:
             value=max(0.0, now - oldest) if oldest is not None else 0.0,
         )
         yield _labelled("jano_model_loaded", "1 while the model is its group's resident.", loaded)
-        yield _labelled("jano_model_down", "1 while the model fails fast after a failed swap.", down)
+        yield _labelled("jano_model_down", "1 while the model fails fast after a failed swap "
+                        "or while it is stalled.", down)
+        max_wait, stuck_after = self._limits()
+        if math.isfinite(max_wait):
+            yield GaugeMetricFamily("jano_scheduler_max_wait_seconds",
+                                    "The configured max_wait (the starvation guard).",
+                                    value=max_wait)
+        yield GaugeMetricFamily(
+            "jano_scheduler_stuck",
+            "1 when requests wait and nothing was dispatched for longer than max_wait plus the "
+            "swap and ready timeouts: should never be 1.",
+            value=1.0 if scheduler_stuck(snap, now, stuck_after) else 0.0)
+
+
+def scheduler_stuck(snap: SchedulerSnapshot, now: float, stuck_after: float) -> bool:
+    """
+    Whether requests wait and nothing has been dispatched for ``stuck_after``
+    seconds: longer than any legitimate wait (``max_wait`` plus a swap that
+    takes its whole ``swap_timeout`` and ``ready_timeout``).
+    """
+    oldest = min((m.oldest_queued_at for m in snap.models if m.oldest_queued_at is not None),
+                 default=None)
+    if oldest is None or now - oldest <= stuck_after:
+        return False
+    last = snap.last_dispatch_at
+    return last is None or now - last > stuck_after
 
 
 def _labelled(name: str, documentation: str, values: Mapping[str, float]) -> GaugeMetricFamily:

@@ -8,13 +8,14 @@ to the piece that does the work.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.interfaces import IReactorTime
 
 from jano.records import HealthState, ModelSpec, SchedulerSnapshot, SwapEvent, UsageRecord
-from jano.telemetry.export import ScrapeCollector, render
+from jano.telemetry.export import ScrapeCollector, render, scheduler_stuck
 from jano.telemetry.recorder import Recorder
 from jano.telemetry.views import status_body, usage_body
 
@@ -48,18 +49,24 @@ class Telemetry:
         health: Callable[[], Mapping[str, HealthState]],
         usage_ring: int = 1000,
         window: float = 60.0,
+        max_wait: float = math.inf,
+        stuck_after: float = math.inf,
     ) -> None:
         self._clock = clock
         self._version = version
         self._snapshot = snapshot
         self._health = health
+        self.max_wait = max_wait
+        #: Seconds with waiters and no dispatch after which the scheduler counts as stuck.
+        self.stuck_after = stuck_after
         self._registry = CollectorRegistry()
         self._recorder = Recorder(
             clock, models, self._registry, usage_ring=usage_ring, window=window
         )
         self._registry.register(
             ScrapeCollector(
-                self._recorder, clock, version=version, snapshot=snapshot, health=health
+                self._recorder, clock, version=version, snapshot=snapshot, health=health,
+                limits=lambda: (self.max_wait, self.stuck_after),
             )
         )
 
@@ -115,8 +122,10 @@ class Telemetry:
         now = self._clock.seconds()
         snap = self._snapshot()
         health = self._health()
-        return status_body(self._recorder, version=self._version, now=now, snap=snap,
+        body = status_body(self._recorder, version=self._version, now=now, snap=snap,
                            health=health)
+        body["schedulerStuck"] = scheduler_stuck(snap, now, self.stuck_after)
+        return body
 
     def usage(self, limit: int) -> list[dict[str, object]]:
         """

@@ -32,13 +32,14 @@ from jano.interfaces import Lifecycle
 from jano.records import ModelSpec, iso
 from jano.routing import MODEL_HEADER, Routed, route
 from jano.telemetry import Telemetry
+from jano.telemetry.queue import queue_body
 from jano.web import dashboard
 from jano.web.lifecycle import model_status, ollama_ps, request_load, request_unload
 from jano.web.site import UNAUTHORIZED, bearer_ok
 
 #: Paths Jano answers itself: another method on them gets 405, never the backend.
 OWN_ROUTES = frozenset({b"/health", b"/status", b"/usage", b"/metrics", b"/ui",
-                        b"/v1/models", b"/api/tags", b"/api/ps"})
+                        b"/v1/models", b"/api/tags", b"/api/ps", b"/queue"})
 
 _BAD_PATH = Refusal(400, "invalid path", "invalid_request_error", "bad_request")
 _DRAINING = Refusal(503, "Jano is shutting down", "unavailable_error", "draining")
@@ -179,6 +180,14 @@ class JanoApp:
                 "message": f"limit must be a single whole number from 1 to {ring}",
                 "type": "invalid_request_error", "code": 400}})
         return _json(request, 200, {"data": self.telemetry.usage(limit), "limit": limit})
+
+    @app.route("/queue", methods=["GET", "HEAD"])
+    def queue(self, request: Request) -> bytes:
+        denied = self._denied(request, self.telemetry_key)
+        if denied:
+            return denied
+        return _json(request, 200, queue_body(self.forwarder.live_requests(),
+                                              self.lifecycle.snapshot(), self.clock.seconds()))
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     def metrics(self, request: Request) -> bytes:

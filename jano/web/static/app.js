@@ -1,5 +1,6 @@
-/* Jano dashboard: polls `status` and `usage`, keeps a few minutes of history
-   in this tab (bounded), and draws it.  No dependencies, no build step. */
+/* Jano dashboard: polls `status`, `usage` and `v1/models`, keeps a few minutes
+   of history in this tab (bounded), and draws it; loads and unloads models on
+   request.  No dependencies, no build step. */
 "use strict";
 (function () {
   const POLL_MS = 1500;
@@ -10,6 +11,8 @@
   const MIN_SPAN_MS = 30e3, MAX_SPAN_MS = 10 * 60e3;   // what the charts show
   const PALETTE = 8;
   const TOKEN_KEY = "jano.telemetryToken";
+  const ADMIN_KEY = "jano.adminKey";      // for load and unload, when it differs from the telemetry token
+  const NOTE_MS = 8000;                   // how long the outcome of a load or unload stays shown
   const SVG_NS = "http://www.w3.org/2000/svg";
   const OUTCOMES = { completed: "completed", client_disconnected: "client left",
     upstream_error: "backend error", rejected: "refused by Jano" };
@@ -18,7 +21,8 @@
   const BASE = location.pathname.replace(/(^|\/)ui\/?(index\.html)?$/, "$1").replace(/[^/]*$/, "");
 
   const state = { samples: [], swaps: new Map(), colors: new Map(), skew: 0, status: null,
-    usage: null, timer: 0, busy: false, waitingForToken: false, memToken: null };
+    usage: null, models: null, timer: 0, busy: false, waitingForToken: false, mem: {},
+    acting: new Set(), retry: null, noteTimer: 0 };
 
   const $ = (id) => document.getElementById(id);
   const isNum = (v) => typeof v === "number" && isFinite(v);
@@ -74,21 +78,26 @@
   }
   const clock = (t) => new Date(t).toLocaleTimeString([], { hour12: false });
   const ago = (iso) => (nowMs() - Date.parse(iso)) / 1000;
+  // "a → b", or for an unload (a swap to nothing) "a → nothing (unloaded, idle)".
+  const isUnload = (s) => s.kind === "unload" || s.to == null;
+  const swapText = (s) => `${s.from ?? "nothing"} → ` +
+    (isUnload(s) ? `nothing (unloaded${s.reason ? ", " + s.reason : ""})` : s.to);
 
   /* -- talking to Jano -------------------------------------------------- */
 
-  function readToken() {
-    try { return sessionStorage.getItem(TOKEN_KEY); } catch (e) { return state.memToken; }
+  function readToken(key = TOKEN_KEY) {
+    try { return sessionStorage.getItem(key); } catch (e) { return state.mem[key] ?? null; }
   }
-  function writeToken(v) {
-    state.memToken = v;
-    try { v == null ? sessionStorage.removeItem(TOKEN_KEY) : sessionStorage.setItem(TOKEN_KEY, v); } catch (e) { /* memory only */ }
+  function writeToken(v, key = TOKEN_KEY) {
+    state.mem[key] = v;
+    try { v == null ? sessionStorage.removeItem(key) : sessionStorage.setItem(key, v); } catch (e) { /* memory only */ }
   }
+  // Load and unload take the admin key; until one is asked for, the telemetry token may be it.
+  const adminToken = () => readToken(ADMIN_KEY) ?? readToken();
+  const bearer = (token) => (token ? { Authorization: "Bearer " + token } : {});
 
-  async function getJSON(path) {
-    const headers = { Accept: "application/json" };
-    const token = readToken();
-    if (token) headers.Authorization = "Bearer " + token;
+  async function getJSON(path, token = readToken()) {
+    const headers = { Accept: "application/json", ...bearer(token) };
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), 5000);
     try {
@@ -111,7 +120,12 @@
     state.busy = true;
     clearTimeout(state.timer);
     try {
-      const [st, us] = await Promise.all([getJSON("status"), getJSON("usage?limit=20")]);
+      // v1/models (guarded by api_key) says which model is loading or unloading, and which is
+      // always_on; without it the table goes by the status alone.
+      const [st, us, list] = await Promise.all([getJSON("status"), getJSON("usage?limit=20"),
+        getJSON("v1/models", adminToken()).catch(() => null)]);
+      state.models = list && Array.isArray(list.data)
+        ? Object.fromEntries(list.data.map((m) => [m.id, m.status && m.status.value])) : null;
       show(st, us);
       setConn("live", `live · ${clock(Date.now())}`);
     } catch (e) {
@@ -123,31 +137,110 @@
     state.timer = setTimeout(poll, document.hidden ? HIDDEN_POLL_MS : POLL_MS);
   }
 
+  // One form asks for either key: the telemetry token at the top of the page, the admin
+  // key below the model table, where its Load or Unload button was clicked.
+  function openForm(kind, rejected, title, message, submit, where) {
+    const form = $("auth-form");
+    form.dataset.for = kind;
+    form.dataset.state = rejected ? "rejected" : "needed";
+    $("auth-title").textContent = title;
+    $("auth-message").textContent = message;
+    $("token-submit").textContent = submit;
+    $("token-cancel").hidden = kind !== "admin";
+    where(form);
+    form.hidden = false;
+    $("token-input").value = "";
+    $("token-input").focus();
+  }
+
   function askToken() {
     const rejected = readToken() != null;
     writeToken(null);
     state.waitingForToken = true;
-    const form = $("auth-form");
-    form.dataset.state = rejected ? "rejected" : "needed";
-    $("auth-message").textContent = rejected
+    state.retry = null;
+    openForm("telemetry", rejected, "Telemetry token needed", rejected
       ? "That token was not accepted. Enter the telemetry token again."
       : "This Jano protects its status with a telemetry token ([server] telemetry_key). " +
-        "It is kept only in this browser tab.";
-    form.hidden = false;
+        "It is kept only in this browser tab.", "Connect", (f) => document.querySelector("main").prepend(f));
     setConn("auth", "token needed");
-    $("token-input").value = "";
-    $("token-input").focus();
+  }
+
+  function askAdmin(retry, rejected) {
+    state.retry = retry;
+    openForm("admin", rejected, "Admin key needed", rejected
+      ? "That key was not accepted. Enter the admin key again."
+      : "Loading and unloading models takes the admin key ([server] admin_key, or api_key " +
+        "when there is none). It is kept only in this browser tab.", "Send",
+    (f) => $("models-panel").after(f));
   }
 
   $("auth-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const value = $("token-input").value.trim();
     if (!value) return;
-    writeToken(value);
     $("auth-form").hidden = true;
+    if ($("auth-form").dataset.for === "admin") {
+      writeToken(value, ADMIN_KEY);
+      const retry = state.retry;
+      state.retry = null;
+      if (retry) retry();
+      return;
+    }
+    writeToken(value);
     state.waitingForToken = false;
     setConn("connecting", "connecting…");
     poll();
+  });
+  $("token-cancel").addEventListener("click", () => {
+    $("auth-form").hidden = true;
+    state.retry = null;
+  });
+
+  /* -- load and unload -------------------------------------------------- */
+
+  function note(model, kind, text) {
+    clearTimeout(state.noteTimer);
+    const el = $("model-action");
+    el.dataset.kind = kind;
+    el.dataset.model = model;
+    el.replaceChildren(...(text ? [h("strong", {}, model), ": ", text] : []));
+    state.noteTimer = setTimeout(() => { el.replaceChildren(); el.dataset.kind = ""; }, NOTE_MS);
+  }
+
+  async function act(verb, model) {
+    if (state.acting.has(model) || state.waitingForToken) return;
+    const token = adminToken();
+    state.acting.add(model);
+    render();
+    note(model, "busy", `${verb === "load" ? "loading" : "unloading"}…`);
+    try {
+      const path = `models/${model.split("/").map(encodeURIComponent).join("/")}/${verb}`;
+      const r = await fetch(BASE + path, { method: "POST", cache: "no-store",
+        headers: { Accept: "application/json", ...bearer(token) } });
+      const body = await r.json().catch(() => null);
+      if (r.ok) {
+        note(model, "ok", body && body.status === "loaded" ? "already loaded"
+          : body && body.status === "unloaded" ? "not loaded" : `${body ? body.status : verb}…`);
+      } else {
+        note(model, "error", (body && body.error && body.error.message) || `HTTP ${r.status}`);
+      }
+      if (r.status === 401) {
+        const rejected = readToken(ADMIN_KEY) != null;
+        writeToken(null, ADMIN_KEY);
+        askAdmin(() => act(verb, model), rejected);
+      }
+    } catch (e) {
+      note(model, "error", `cannot reach Jano (${e.message})`);
+    } finally {
+      state.acting.delete(model);
+      render();
+    }
+    poll();   // show what it started without waiting for the next round
+  }
+
+  $("models").addEventListener("click", (ev) => {
+    const b = ev.target.closest("button[data-action]");
+    if (b && !b.disabled) act(b.dataset.action, b.dataset.model);
   });
 
   /* -- history ---------------------------------------------------------- */
@@ -210,14 +303,18 @@
       g.swapInProgress ? h("span", { class: "tag busy" }, `loading ${g.swapInProgress.to}`) : ""))));
 
     const busy = groups.filter(([, g]) => g.swapInProgress);
+    const unloading = Object.keys(state.models || {}).filter((m) => state.models[m] === "unloading");
     const sw = $("swap-status");
-    sw.dataset.state = busy.length ? "swapping" : "idle";
-    sw.replaceChildren(...(busy.length ? busy.map(([name, g]) => h("span", { class: "swapping" },
+    sw.dataset.state = busy.length || unloading.length ? "swapping" : "idle";
+    sw.replaceChildren(...busy.map(([name, g]) => h("span", { class: "swapping" },
       "→ ", modelName(g.swapInProgress.to),
-      h("small", {}, `${many ? ` (${name})` : ""} ${ms(Math.max(0, now - Date.parse(g.swapInProgress.since)))} so far`)))
-      : [naText("none")]));
-    const last = st.lastSwap;
-    $("last-swap").replaceChildren(...(last ? [`last: ${last.from ?? "nothing"} → ${last.to}, `,
+      h("small", {}, `${many ? ` (${name})` : ""} ${ms(Math.max(0, now - Date.parse(g.swapInProgress.since)))} so far`))),
+    ...unloading.map((m) => h("span", { class: "swapping" }, "unloading ", modelName(m))),
+    ...(busy.length || unloading.length ? [] : [naText("none")]));
+    // The status's lastSwap counts swaps only; an unload since then is newer news.
+    const newest = [...state.swaps.values()].reduce((a, s) => (!a || s.end > a.end ? s : a), null);
+    const last = newest && !(Date.parse(st.lastSwap && st.lastSwap.at) > newest.end) ? newest : st.lastSwap;
+    $("last-swap").replaceChildren(...(last ? [`last: ${swapText(last)}, `,
       ms(last.durationMs) ?? "duration not reported", " ",
       h("span", { class: `result r-${last.result}` }, last.result)] : ["no swaps yet"]));
 
@@ -238,20 +335,46 @@
     $("oldest-waiting").replaceChildren(isNum(st.oldestWaitingMs) ? ms(st.oldestWaitingMs) : naText("nobody"));
   }
 
+  // "loaded", "loading", "unloading", "unloaded" or "always_on": the status's groups say which
+  // model holds or is taking a slot; v1/models adds unloading, and a model it calls loaded that
+  // holds no slot is always_on.  (Without v1/models an always_on model looks unloaded.)
+  function modelStates(st) {
+    const groups = Object.values(st.groups || {});
+    const resident = new Set(groups.map((g) => g.resident).filter(Boolean));
+    const loading = new Set(groups.map((g) => g.swapInProgress && g.swapInProgress.to).filter(Boolean));
+    const listed = state.models || {};
+    return (m) => (listed[m] === "loaded" && !resident.has(m) && !loading.has(m) ? "always_on"
+      : listed[m] === "unloading" ? "unloading" : loading.has(m) ? "loading"
+        : resident.has(m) ? "loaded" : "unloaded");
+  }
+
+  function modelAction(m, what, draining) {
+    if (what === "always_on") return h("span", { class: "muted" }, "always on");
+    const verb = what === "loaded" ? "unload" : what === "unloaded" ? "load" : null;
+    if (!verb) return "";
+    const busy = state.acting.has(m) || draining;
+    return h("button", { type: "button", class: "act", "data-action": verb, "data-model": m, disabled: busy,
+      title: draining ? "Jano is shutting down" : null, "aria-label": `${verb === "load" ? "Load" : "Unload"} ${m}` },
+    verb === "load" ? "Load" : "Unload");
+  }
+
   function renderModels(st) {
     const names = Object.keys({ ...st.backendHealth, ...st.queueDepthByModel, ...st.inFlightByModel }).sort();
-    const resident = new Set(Object.values(st.groups || {}).map((g) => g.resident).filter(Boolean));
+    const stateOf = modelStates(st), what = Object.fromEntries(names.map((m) => [m, stateOf(m)]));
     const pick = (o, k) => (o || {})[k];
-    const seen = [st.backendHealth, st.queueDepthByModel, st.inFlightByModel, st.recentGenTokSByModel, st.modelsDown, [...resident]];
+    const seen = [st.backendHealth, st.queueDepthByModel, st.inFlightByModel, st.recentGenTokSByModel, st.modelsDown,
+      what, [...state.acting], st.draining];
     update($("models").tBodies[0], seen, () => names.map((m) => {
-      const health = pick(st.backendHealth, m), down = pick(st.modelsDown, m);
-      return h("tr", { "data-model": m },
-        h("th", { scope: "row" }, modelName(m), resident.has(m) ? h("span", { class: "tag" }, "loaded") : ""),
+      const health = pick(st.backendHealth, m), down = pick(st.modelsDown, m), w = what[m];
+      return h("tr", { "data-model": m, "data-state": w },
+        h("th", { scope: "row" }, modelName(m), w === "loaded" ? h("span", { class: "tag" }, "loaded")
+          : w === "loading" || w === "unloading" ? h("span", { class: "tag busy" }, w) : ""),
         h("td", {}, health ? h("span", { class: `health h-${health}` }, health) : na()),
         h("td", { class: "n" }, or(pick(st.queueDepthByModel, m), String)),
         h("td", { class: "n" }, or(pick(st.inFlightByModel, m), String)),
         h("td", { class: "n", "data-testid": "model-tok-s" }, or(pick(st.recentGenTokSByModel, m), tokS)),
-        h("td", {}, down ? `held down until ${clock(Date.parse(down.until))}${down.reason ? ": " + down.reason : ""}` : ""));
+        h("td", {}, down ? `held down until ${clock(Date.parse(down.until))}${down.reason ? ": " + down.reason : ""}` : ""),
+        h("td", {}, modelAction(m, w, st.draining)));
     }));
   }
 
@@ -313,7 +436,8 @@
       segment("resident" in info ? info.resident : cur, since, pendingStart);
       const mark = (s, a, b, result, label) => {
         const xa = x(a), w = Math.max(3, x(b) - xa);
-        svg.append(h("svg:g", { class: `swap r-${result}`, "data-result": result, "data-testid": "swap" },
+        svg.append(h("svg:g", { class: `swap r-${result}`, "data-result": result, "data-testid": "swap",
+          "data-kind": s && isUnload(s) ? "unload" : "swap" },
           h("svg:title", {}, label),
           h("svg:rect", { x: xa, y, width: w, height: lane, rx: 1 }),
           result !== "ok" && result !== "pending" ? [h("svg:circle", { cx: xa + w / 2, cy: y, r: 7, class: "fail-dot" }),
@@ -323,7 +447,7 @@
         if (s.end < t0) continue;
         shown++;
         if (s.result !== "ok") failed++;
-        mark(s, s.start, s.end, s.result, `${s.from ?? "nothing"} → ${s.to}: ${s.result}, ` +
+        mark(s, s.start, s.end, s.result, `${swapText(s)}: ${s.result}, ` +
           `${ms(s.durationMs) ?? "duration not reported"}, at ${clock(s.start)}${s.error ? ". " + s.error : ""}`);
       }
       if (pending && isFinite(pendingStart)) mark(null, pendingStart, t1, "pending", `loading ${pending.to} since ${clock(pendingStart)}`);
@@ -340,8 +464,8 @@
   function renderSwapList(st) {
     const many = Object.keys(st.groups || {}).length > 1;
     const recent = [...state.swaps.values()].sort((a, b) => b.end - a.end).slice(0, 8);
-    update($("swap-list"), [many, recent], () => (recent.length ? recent.map((s) => h("li", { "data-result": s.result },
-      h("time", { datetime: s.at }, clock(s.end)), many ? ` [${s.group}]` : "", ` ${s.from ?? "nothing"} → ${s.to} `,
+    update($("swap-list"), [many, recent], () => (recent.length ? recent.map((s) => h("li", { "data-result": s.result, "data-kind": isUnload(s) ? "unload" : "swap" },
+      h("time", { datetime: s.at }, clock(s.end)), many ? ` [${s.group}]` : "", ` ${swapText(s)} `,
       or(ms(s.durationMs), String), " ", h("span", { class: `result r-${s.result}` }, s.result),
       s.error ? h("span", { class: "err" }, ` ${s.error}`) : "")) : [h("li", { class: "muted" }, "No swaps seen yet.")]));
   }
