@@ -91,6 +91,9 @@ class TelemetryConfig:
     usage_ring: int = 1000
     health_interval: float = 5.0
     thrash_swaps_per_hour: int = 20
+    #: Seconds of backend load time on a request that caused no swap that count
+    #: as a hidden reload (Ollama's ``load_duration``).
+    reload_threshold: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,13 +258,15 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         raise ConfigError("swap.command: expected an array of strings (argv)")
 
     tel = _table(doc, "telemetry")
-    _check_keys(tel, ("usage_ring", "health_interval", "thrash_swaps_per_hour"), "telemetry")
+    _check_keys(tel, ("usage_ring", "health_interval", "thrash_swaps_per_hour",
+                      "reload_threshold"), "telemetry")
     telemetry = TelemetryConfig(
         usage_ring=_get(tel, "usage_ring", "telemetry", int, 1000,
                         lambda v: None if 1 <= v <= 1_000_000 else "expected 1 to 1000000"),
         health_interval=_get(tel, "health_interval", "telemetry", float, 5.0, _positive),
         thrash_swaps_per_hour=_get(tel, "thrash_swaps_per_hour", "telemetry", int, 20,
                                    lambda v: None if v >= 1 else "expected at least 1"),
+        reload_threshold=_get(tel, "reload_threshold", "telemetry", float, 0.5, _positive),
     )
 
     raw_models = doc.get("models")

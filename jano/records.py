@@ -68,6 +68,9 @@ class Usage(NamedTuple):
     gen_tok_s: Optional[float] = None
     prompt_tok_s: Optional[float] = None
     timed_by: Optional[TimedBy] = None
+    #: Time the backend spent loading the model for this request (Ollama's
+    #: ``load_duration``); ``None`` when the backend does not report it.
+    load_ms: Optional[float] = None
 
 
 SwapResult = Literal["ok", "failed", "timeout", "not_ready"]
@@ -88,7 +91,7 @@ class SwapEvent:
     result: SwapResult
     #: Human-readable cause when ``result != "ok"``.
     error: Optional[str] = None
-    kind: Literal["swap", "unload"] = "swap"
+    kind: Literal["swap", "unload", "reload"] = "swap"
     #: Why an unload ran: ``"idle"`` (its TTL) or ``"requested"``.
     reason: Optional[str] = None
 

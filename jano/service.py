@@ -115,7 +115,8 @@ class JanoService(MultiService):
                                    snapshot=self.scheduler.snapshot, health=self._health_states,
                                    usage_ring=config.telemetry.usage_ring,
                                    max_wait=config.scheduler.max_wait,
-                                   stuck_after=_stuck_after(config))
+                                   stuck_after=_stuck_after(config),
+                                   reload_threshold=config.telemetry.reload_threshold)
         srv = config.server
         self.forwarder = Forwarder(agent, reactor, self.scheduler, self.telemetry,
                                    upstream_timeout=srv.upstream_timeout,
@@ -222,6 +223,7 @@ class JanoService(MultiService):
         self.forwarder.request_id_header = new.server.request_id_header.encode("latin-1") or None
         self.telemetry.max_wait = new.scheduler.max_wait
         self.telemetry.stuck_after = _stuck_after(new)
+        self.telemetry.reload_threshold = new.telemetry.reload_threshold
         self.forwarder.idle_write_timeout = new.server.idle_write_timeout
         self.forwarder.strip_authorization = new.server.api_key is not None
         site = self.site

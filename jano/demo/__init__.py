@@ -16,7 +16,8 @@ assert exactly what a router should extract:
   ``prompt_ms == prompt_n / prompt_tok_s * 1000`` (llama.cpp, milliseconds);
 * ``eval_duration == round(n / gen_tok_s * 1e9)`` and
   ``prompt_eval_duration == round(prompt_n / prompt_tok_s * 1e9)`` (Ollama,
-  nanoseconds); ``load_duration`` is always :data:`OLLAMA_LOAD_NS`.
+  nanoseconds); ``load_duration`` is :data:`OLLAMA_LOAD_NS` unless
+  ``X-Fake-Load-Ms`` says otherwise.
 
 The bytes follow the captures of real servers (``/work/shared/fixtures``): one
 SSE ``data: {json}\\n\\n`` event or one NDJSON line per ``write`` (so per HTTP
@@ -40,6 +41,9 @@ arguments set them for every request):
 ``X-Fake-Stamp``
     (any value) each streamed chunk's text becomes ``Tok{k}@{ns}`` where
     ``ns`` is ``time.monotonic_ns()`` at write time, for measuring transit.
+``X-Fake-Load-Ms``
+    Ollama flavors: report this ``load_duration`` (a backend that reloaded the
+    model on its own, e.g. for a different ``num_ctx``).
 
 Streams are produced by a push producer registered on the request: a slow
 reader pauses the fake, so a response of any size never sits in its memory.

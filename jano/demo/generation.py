@@ -43,6 +43,8 @@ class Generation:
     gen_tok_s: float
     prompt_tok_s: float
     prompt_text: str
+    #: Ollama's ``load_duration``, in ns (``X-Fake-Load-Ms`` sets it: a reload).
+    load_ns: int = OLLAMA_LOAD_NS
 
     @property
     def created_s(self) -> int:
@@ -106,8 +108,8 @@ class Generation:
         prompt_ns = round(self.prompt_n / self.prompt_tok_s * 1e9)
         eval_ns = round(self.n / self.gen_tok_s * 1e9)
         return {
-            "total_duration": OLLAMA_LOAD_NS + prompt_ns + eval_ns,
-            "load_duration": OLLAMA_LOAD_NS,
+            "total_duration": self.load_ns + prompt_ns + eval_ns,
+            "load_duration": self.load_ns,
             "prompt_eval_count": self.prompt_n,
             "prompt_eval_duration": prompt_ns,
             "eval_count": self.n,

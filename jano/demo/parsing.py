@@ -52,6 +52,8 @@ class Knobs:
     fail_after: Optional[int]
     status: Optional[int]
     stamp: bool
+    #: Ollama's reported ``load_duration`` in ms (``None``: the default 1 ms).
+    load_ms: Optional[float] = None
 
 
 def count_words(value: Any, depth: int = 0) -> int:
@@ -144,7 +146,8 @@ def parse_knobs(header: Callable[[bytes], Optional[bytes]], *, delay: float, chu
     fails = _parse_header(header(b"x-fake-fail-after"), "X-Fake-Fail-After", int,
                           0, MAX_TOKENS + 1)
     code = _parse_header(header(b"x-fake-status"), "X-Fake-Status", int, 400, 599)
-    for value in (delay_ms, chunk, fails, code):
+    load = _parse_header(header(b"x-fake-load-ms"), "X-Fake-Load-Ms", float, 0.0, 3_600_000.0)
+    for value in (delay_ms, chunk, fails, code, load):
         if isinstance(value, str):
             return value
     return Knobs(
@@ -153,4 +156,5 @@ def parse_knobs(header: Callable[[bytes], Optional[bytes]], *, delay: float, chu
         fail_after=fail_after if fails is None else int(fails),
         status=status if code is None else int(code),
         stamp=header(b"x-fake-stamp") is not None,
+        load_ms=None if load is None else float(load),
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any, Optional, Sequence, Union
 
@@ -259,6 +259,8 @@ class FakeModelServer:
             gen_tok_s=self.gen_tok_s, prompt_tok_s=self.prompt_tok_s,
             prompt_text=prompt if route == "llama" and isinstance(prompt, str) else "",
         )
+        if knobs.load_ms is not None:  # a reload the backend did on its own
+            g = replace(g, load_ns=round(knobs.load_ms * 1e6))
         if stream:
             plan = formats.stream_plan(route, g)
             request.setResponseCode(200)

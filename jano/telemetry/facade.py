@@ -51,6 +51,7 @@ class Telemetry:
         window: float = 60.0,
         max_wait: float = math.inf,
         stuck_after: float = math.inf,
+        reload_threshold: float = 0.5,
     ) -> None:
         self._clock = clock
         self._version = version
@@ -61,7 +62,8 @@ class Telemetry:
         self.stuck_after = stuck_after
         self._registry = CollectorRegistry()
         self._recorder = Recorder(
-            clock, models, self._registry, usage_ring=usage_ring, window=window
+            clock, models, self._registry, usage_ring=usage_ring, window=window,
+            reload_threshold=reload_threshold,
         )
         self._registry.register(
             ScrapeCollector(
@@ -71,6 +73,15 @@ class Telemetry:
         )
 
     # -- configuration -----------------------------------------------------
+
+    @property
+    def reload_threshold(self) -> float:
+        """Seconds of reported load time that count as a hidden reload."""
+        return self._recorder.reload_threshold
+
+    @reload_threshold.setter
+    def reload_threshold(self, seconds: float) -> None:
+        self._recorder.reload_threshold = seconds
 
     def set_models(self, models: Sequence[ModelSpec]) -> None:
         """

@@ -88,7 +88,11 @@ class Recorder:
         *,
         usage_ring: int = 1000,
         window: float = 60.0,
+        reload_threshold: float = 0.5,
     ) -> None:
+        #: Seconds of backend load time on a request that caused no swap that
+        #: count as a hidden reload.
+        self.reload_threshold = reload_threshold
         if usage_ring < 1:
             raise ValueError(f"usage_ring must be at least 1, not {usage_ring!r}")
         if window <= 0:
@@ -133,6 +137,15 @@ class Recorder:
             ["model", "result", "reason"],
             registry=registry,
         )
+        self._reloads = Counter(
+            "jano_backend_reloads_total",
+            "The backend reloaded the model on its own: a load time reported on a request that "
+            "caused no swap in Jano (a hidden reload).",
+            ["model"],
+            registry=registry,
+        )
+        # (finished at, seconds) of hidden reloads
+        self._reload_times: deque[tuple[float, float]] = deque(maxlen=_WINDOW_MAX)
         self._disconnects = Counter(
             "jano_client_disconnects_total",
             "Clients that went away, by the phase their request was in.",
@@ -172,6 +185,7 @@ class Recorder:
         for spec in self.models:
             self._series_for(spec.name)
             self._disconnects_for(spec.name)
+            self._reloads.labels(spec.name)
             if not spec.always_on:
                 for result in SWAP_RESULTS:
                     self._swaps.labels(spec.name, result)
@@ -232,6 +246,9 @@ class Recorder:
             series.queue_wait.observe(record.queue_wait)
 
         usage = record.usage
+        if usage is not None and usage.load_ms is not None and not record.waited_for_swap \
+                and usage.load_ms >= self.reload_threshold * 1000.0:
+            self._hidden_reload(record, label, usage.load_ms / 1000.0)
         if usage is None:
             if record.outcome == "completed":
                 self.without_usage_total += 1
@@ -254,6 +271,23 @@ class Recorder:
             now = self._clock.seconds()
             self._expire_generation(now)
             self._generation.append((now, label, tokens, seconds))
+
+    def _hidden_reload(self, record: UsageRecord, label: str, seconds: float) -> None:
+        """The backend reported loading the model, though Jano swapped nothing for it."""
+        now = self._clock.seconds()
+        self._reloads.labels(label).inc()
+        while self._reload_times and self._reload_times[0][0] <= now - _SWAPS_WINDOW:
+            self._reload_times.popleft()
+        self._reload_times.append((now, seconds))
+        group = next((m.group for m in self.models if m.name == record.model), "")
+        started = now - (record.duration or 0.0)
+        self.recent_swaps.append(SwapEvent(group, record.model, record.model, started, seconds,
+                                           "ok", kind="reload", reason="backend"))
+
+    def reloads_last_hour(self, now: float) -> tuple[int, float]:
+        """Hidden reloads in the last hour: how many, and the seconds they cost."""
+        recent = [s for at, s in self._reload_times if at > now - _SWAPS_WINDOW]
+        return len(recent), sum(recent)
 
     def swap_finished(self, event: SwapEvent) -> None:
         """Count one ended swap attempt (or unload), whatever its result."""

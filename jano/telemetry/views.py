@@ -85,6 +85,8 @@ def status_body(
         "backendHealth": dict(health),
         "draining": snap.draining,
         "modelsDown": models_down,
+        "hiddenReloadsLastHour": recorder.reloads_last_hour(now)[0],
+        "hiddenReloadSecondsLastHour": _round(recorder.reloads_last_hour(now)[1]),
     }
 
 
@@ -136,6 +138,7 @@ def _usage_entry(record: UsageRecord) -> dict[str, object]:
         "genTokSSource": None,
         "promptTokS": None,
         "usageSource": None,
+        "backendLoadMs": None,
         "outcome": record.outcome,
     }
     if usage is not None:
@@ -145,6 +148,7 @@ def _usage_entry(record: UsageRecord) -> dict[str, object]:
         entry["genTokS"] = _round(usage.gen_tok_s)
         entry["genTokSSource"] = usage.timed_by if usage.gen_tok_s is not None else None
         entry["promptTokS"] = _round(usage.prompt_tok_s)
+        entry["backendLoadMs"] = _round(usage.load_ms)
         entry["usageSource"] = usage.source
     return entry
 

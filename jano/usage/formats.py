@@ -124,6 +124,7 @@ _WANTED = frozenset(
         "prompt_eval_duration",
         "eval_count",
         "eval_duration",
+        "load_duration",
     }
 )
 
@@ -276,7 +277,7 @@ def _from_ollama(record: Mapping[str, Any]) -> Optional[Usage]:
     generation_ms = _duration_ms(record.get("eval_duration"), 1e6)
     prompt_ns = None if prompt_ms is None else _number(record.get("prompt_eval_duration"))
     eval_ns = None if generation_ms is None else _number(record.get("eval_duration"))
-    return _usage(
+    usage = _usage(
         "ollama",
         prompt,
         None,
@@ -286,6 +287,10 @@ def _from_ollama(record: Mapping[str, Any]) -> Optional[Usage]:
         _per_second(completion, eval_ns, 1e9),
         _per_second(prompt, prompt_ns, 1e9),
     )
+    load_ms = _duration_ms(record.get("load_duration"), 1e6)
+    if usage is not None and load_ms is not None:
+        usage = usage._replace(load_ms=load_ms)
+    return usage
 
 
 def _usage(

@@ -441,6 +441,7 @@ def test_usage_entry_fields() -> None:
         "genTokSSource": "backend",
         "promptTokS": 2000.0,
         "usageSource": "llamacpp-timings",
+        "backendLoadMs": None,
         "outcome": "completed",
     }
 

@@ -177,3 +177,30 @@ def test_the_queue_shows_positions_waits_and_labelled_estimates() -> None:
     assert waiting[2]["estimatedStartAt"] is None  # b needs a swap nobody has timed yet
     assert {e["phase"] for e in q["data"] if e["state"] == "in_flight"} == {"streaming"}
     assert "prompt" not in json.dumps(q) and "hello" not in json.dumps(q)
+
+
+def test_a_long_backend_load_on_a_request_that_caused_no_swap_is_a_hidden_reload() -> None:
+    w = World(flavor="ollama", swap_delay=2.0)
+    chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    resp, _ = w.call("POST", "/api/chat", chat)  # the usual 1 ms load: nothing to see
+    assert resp.code == 200 and w.usage(1)[0]["backendLoadMs"] == 1.0
+    resp, _ = w.call("POST", "/api/chat", chat, headers={"X-Fake-Load-Ms": "3000"})
+    assert resp.code == 200 and w.usage(1)[0]["backendLoadMs"] == 3000.0
+    status = json.loads(w.call("GET", "/status")[1])
+    assert (status["hiddenReloadsLastHour"], status["hiddenReloadSecondsLastHour"]) == (1, 3.0)
+    event = status["recentSwaps"][0]
+    assert (event["kind"], event["from"], event["to"], event["durationMs"]) == (
+        "reload", "a", "a", 3000.0)
+    assert status["lastSwap"] is None  # not a swap of Jano's
+    assert metric(w, "jano_backend_reloads_total", model="a") == 1.0
+    # A long load on a request that waited for Jano's own swap is that swap, not a hidden one.
+    resp, _ = w.call("POST", "/api/chat", dict(chat, model="b"), advance=0.5,
+                     headers={"X-Fake-Load-Ms": "3000"})
+    assert resp.code == 200 and w.usage(1)[0]["waitedForSwap"] is True
+    assert metric(w, "jano_backend_reloads_total", model="b") == 0.0
+
+
+def test_llamacpp_reports_no_load_time_so_the_field_is_null() -> None:
+    w = World()
+    w.call("POST", "/v1/chat/completions", CHAT)
+    assert w.usage(1)[0]["backendLoadMs"] is None

@@ -146,6 +146,7 @@
     $("auth-title").textContent = title;
     $("auth-message").textContent = message;
     $("token-submit").textContent = submit;
+    form.querySelector("label").textContent = kind === "admin" ? "Key" : "Token";
     $("token-cancel").hidden = kind !== "admin";
     where(form);
     form.hidden = false;
