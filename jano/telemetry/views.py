@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 from typing import Mapping, Optional
 
-from jano.records import HealthState, SchedulerSnapshot, SwapEvent, UsageRecord, iso, ms
+from jano.records import (HealthState, ModelState, SchedulerSnapshot, SwapEvent, UsageRecord, iso,
+                          ms)
 from jano.telemetry.recorder import Recorder
 
 __all__ = ["status_body", "usage_body"]
@@ -85,9 +86,26 @@ def status_body(
         "backendHealth": dict(health),
         "draining": snap.draining,
         "modelsDown": models_down,
+        "modelStatus": {m.name: model_status(m, snap) for m in snap.models},
+        "alwaysOn": sorted(m.name for m in snap.models if m.always_on),
         "hiddenReloadsLastHour": recorder.reloads_last_hour(now)[0],
         "hiddenReloadSecondsLastHour": _round(recorder.reloads_last_hour(now)[1]),
     }
+
+
+def model_status(m: ModelState, snap: SchedulerSnapshot) -> str:
+    """``loaded``, ``loading``, ``unloading`` or ``unloaded``, by ``m``'s group's slot."""
+    if m.always_on:
+        return "loaded"
+    for g in snap.groups:
+        if g.name == m.group:
+            if g.unloading == m.name:
+                return "unloading"
+            if g.swapping_to == m.name:
+                return "loading"
+            if g.resident == m.name:
+                return "loaded"
+    return "unloaded"
 
 
 def usage_body(recorder: Recorder, limit: int) -> list[dict[str, object]]:

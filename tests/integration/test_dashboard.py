@@ -1,7 +1,8 @@
 """
 The dashboard in a real browser (headless Chromium through Selenium) against
 a real Jano process: live numbers appear, nulls never show as 0, swaps land
-on the timeline, and the telemetry-token form works.
+on the timeline, the telemetry-token form works, and the model table's Load
+and Unload buttons work (asking for the admin key when one is set).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -61,13 +63,76 @@ def _text(driver: Any, css: str) -> str:
 
 
 def _wait(driver: Any, what: str, check: Any) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, WAIT, poll_frequency=0.1).until(lambda d: check(d), message=what)
+    # the page rebuilds a table when its data changes: an element found may be gone a moment later
+    WebDriverWait(driver, WAIT, poll_frequency=0.1,
+                  ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: check(d), message=what)
 
 
 def _rows(driver: Any) -> list[Any]:
     return list(driver.find_elements("css selector", "#requests tbody tr[data-testid=request-row]"))
+
+
+def _start_demo(tmp_path: Path) -> Proc:
+    port = free_port()
+    log = tmp_path / "demo.log"
+    popen = subprocess.Popen([*twistd_argv(), "-n", "--pidfile=", "-l", str(log), "jano", "--demo",
+                              "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                             env=source_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    jano = Proc(popen, port, log)
+    try:
+        wait_until(lambda: get(jano.url + "/health")[0] == 200, 20, "demo", jano)
+    except BaseException:
+        jano.stop()
+        raise
+    return jano
+
+
+_ROW = "const row = document.querySelector(`#models tbody tr[data-model=\"${arguments[0]}\"]`);"
+
+
+def _model_state(driver: Any, model: str) -> str:
+    """The row's state: loaded, loading, unloading, unloaded or always_on."""
+    return str(driver.execute_script(_ROW + "return row && row.dataset.state;", model))
+
+
+def _actions(driver: Any, model: str) -> list[str]:
+    """The load/unload buttons in the model's row, by what they do."""
+    return list(driver.execute_script(
+        _ROW + "return row ? [...row.querySelectorAll('button[data-action]')].map(b => b.dataset.action) : [];",
+        model))
+
+
+def _click(driver: Any, model: str, action: str) -> None:
+    """Click the model's Load or Unload button once it is there (and enabled)."""
+    def click(d: Any) -> bool:
+        for b in d.find_elements("css selector", f'#models tbody tr[data-model="{model}"] '
+                                                 f'button[data-action="{action}"]:enabled'):
+            b.click()
+            return True
+        return False
+
+    _wait(driver, f"{action} button of {model}", click)
+
+
+def _note(driver: Any) -> tuple[str, str]:
+    """What the page says about the last load or unload: (kind, text)."""
+    el = driver.find_element("id", "model-action")
+    return str(el.get_attribute("data-kind")), str(el.get_attribute("textContent"))
+
+
+def _slow_stream(url: str, model: str) -> socket.socket:
+    """A streamed chat completion that runs for minutes, until the socket is closed."""
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    data = json.dumps({"model": model, "stream": True, "max_tokens": 1000, "messages": []}).encode()
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+                 "Content-Type: application/json\r\nX-Fake-Delay-Ms: 250\r\n\r\n".encode() + data)
+    return sock
 
 
 def _screenshot(driver: Any) -> None:
@@ -85,15 +150,8 @@ def _screenshot(driver: Any) -> None:
 
 
 def test_dashboard_shows_the_demo_box_live(tmp_path: Path, browser: Any) -> None:
-    port = free_port()
-    log = tmp_path / "demo.log"
-    popen = subprocess.Popen([*twistd_argv(), "-n", "--pidfile=", "-l", str(log), "jano", "--demo",
-                              "--listen", f"tcp:{port}:interface=127.0.0.1"],
-                             env=source_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    jano = Proc(popen, port, log)
+    jano = _start_demo(tmp_path)
     try:
-        wait_until(lambda: get(jano.url + "/health")[0] == 200, 20, "demo", jano)
         browser.get(jano.url + "/ui")
         _wait(browser, "first poll", lambda d: _text(d, "#conn").startswith("live"))
 
@@ -206,9 +264,138 @@ def test_dashboard_asks_for_the_telemetry_token(tmp_path: Path, browser: Any) ->
                                headers={"authorization": "Bearer t0ken"})[2])["data"][0]
         # an OpenAI-style backend reports no timings: tok/s is "not reported", not 0
         assert usage["genTokS"] is None and cells[7] == NOT_REPORTED
-        # always_on models belong to no swap group: listed with their health, never "loaded"
+        # always_on models belong to no swap group: listed with their health, never "loaded",
+        # and with nothing to load or unload
         assert _text(browser, "#models tbody tr[data-model=m] th") == "m"
+        assert _model_state(browser, "m") == "always_on" and _actions(browser, "m") == []
+        assert _text(browser, "#models tbody tr[data-model=m] td:last-child") == "always on"
     finally:
         if jano is not None:
             jano.stop()
         backend.stop()
+
+
+def test_dashboard_loads_and_unloads_models(tmp_path: Path, browser: Any) -> None:
+    jano = _start_demo(tmp_path)
+    stream: socket.socket | None = None
+    try:
+        browser.get(jano.url + "/ui")
+        _wait(browser, "first poll", lambda d: _text(d, "#conn").startswith("live"))
+        # Nothing loaded: each model can be loaded, none unloaded.
+        _wait(browser, "load buttons", lambda d: all(
+            _actions(d, m) == ["load"] and _model_state(d, m) == "unloaded"
+            for m in ("demo-chat", "demo-coder")))
+        assert _note(browser)[1] == ""
+
+        _click(browser, "demo-chat", "load")
+        _wait(browser, "demo-chat loaded", lambda d: _model_state(d, "demo-chat") == "loaded"
+              and _actions(d, "demo-chat") == ["unload"] and _text(d, "#current-model") == "demo-chat")
+        assert _note(browser) == ("ok", "demo-chat: loading…")
+        assert _actions(browser, "demo-coder") == ["load"]
+        assert _text(browser, "#last-swap").startswith("last: nothing → demo-chat, ")
+
+        # Unload: the slot empties, and the timeline and the last swap say so.
+        _click(browser, "demo-chat", "unload")
+        _wait(browser, "demo-chat unloaded", lambda d: _model_state(d, "demo-chat") == "unloaded"
+              and _actions(d, "demo-chat") == ["load"] and _text(d, "#current-model") == "nothing loaded")
+        unloaded = "demo-chat → nothing (unloaded, requested)"
+        _wait(browser, "the unload on the timeline", lambda d: _text(d, "#last-swap").startswith(
+            f"last: {unloaded}, ") and len(d.find_elements(
+                "css selector", '#swap-timeline [data-kind="unload"][data-result="ok"]')) == 1)
+        assert _note(browser) == ("ok", "demo-chat: unloading…")
+        newest = browser.find_element("css selector", "#swap-list li")
+        assert newest.get_attribute("data-kind") == "unload" and unloaded in _text(browser, "#swap-list li")
+        assert "null" not in _text(browser, "#swap-list") + _text(browser, "#last-swap")
+        title = _text(browser, '#swap-timeline [data-kind="unload"] title')
+        assert title.startswith(f"{unloaded}: ok, ")
+
+        _click(browser, "demo-coder", "load")
+        _wait(browser, "demo-coder loaded", lambda d: _model_state(d, "demo-coder") == "loaded"
+              and _text(d, "#current-model") == "demo-coder")
+
+        # A long stream holds demo-coder: Jano never evicts it, and the page says why.
+        stream = _slow_stream(jano.url, "demo-coder")
+        _wait(browser, "the stream in flight",
+              lambda d: _text(d, '#models tbody tr[data-model="demo-coder"] td:nth-of-type(3)') == "1")
+        _click(browser, "demo-chat", "load")
+        _wait(browser, "the 409 shown", lambda d: _note(d)[0] == "error")
+        kind, text = _note(browser)
+        assert text.startswith("demo-chat: group 'default' has 1 requests in flight for 'demo-coder'")
+        _click(browser, "demo-coder", "unload")
+        _wait(browser, "the 409 shown", lambda d: _note(d)[1].startswith("demo-coder: "))
+        assert _note(browser)[0] == "error" and "in flight" in _note(browser)[1]
+        assert _model_state(browser, "demo-coder") == "loaded"
+        assert _model_state(browser, "demo-chat") == "unloaded"
+
+        stream.close()  # the client leaves; then the model can go
+        stream = None
+        _wait(browser, "the stream ended",
+              lambda d: _text(d, '#models tbody tr[data-model="demo-coder"] td:nth-of-type(3)') == "0")
+        _click(browser, "demo-coder", "unload")
+        _wait(browser, "demo-coder unloaded", lambda d: _model_state(d, "demo-coder") == "unloaded"
+              and _text(d, "#last-swap").startswith("last: demo-coder → nothing (unloaded, requested), "))
+    finally:
+        if stream is not None:
+            stream.close()
+        jano.stop()
+
+
+def test_dashboard_asks_for_the_admin_key(tmp_path: Path, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    a = start_fake_backend(tmp_path, model="a")
+    b = start_fake_backend(tmp_path, model="b")
+    script = tmp_path / "swap.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    jano: Proc | None = None
+    try:
+        # /status is open, loading and unloading take the admin key.
+        jano = start_jano(tmp_path, jano_config([("a", a.url), ("b", b.url)], swap=[str(script), "{model}"],
+                                                extra='admin_key = "adm1n"'))
+        browser.get(jano.url + "/ui")
+        _wait(browser, "first poll", lambda d: _text(d, "#conn").startswith("live"))
+        form = browser.find_element(By.ID, "auth-form")
+        assert not form.is_displayed()
+
+        _click(browser, "a", "load")
+        _wait(browser, "admin key form", lambda d: form.is_displayed())
+        assert form.get_attribute("data-for") == "admin" and form.get_attribute("data-state") == "needed"
+        assert _text(browser, "#auth-title") == "Admin key needed"
+        # asked for below the model table, where the button was
+        assert browser.execute_script(
+            "return document.getElementById('models-panel').nextElementSibling.id") == "auth-form"
+        assert _note(browser) == ("error", "a: missing or wrong bearer token")
+        browser.find_element(By.ID, "token-cancel").click()  # cancel: nothing happens
+        assert not form.is_displayed() and _model_state(browser, "a") == "unloaded"
+
+        def submit(token: str) -> None:
+            field = browser.find_element(By.ID, "token-input")
+            field.clear()
+            field.send_keys(token)
+            browser.find_element(By.ID, "token-submit").click()
+
+        _click(browser, "a", "load")
+        _wait(browser, "admin key form again", lambda d: form.is_displayed())
+        submit("wrong")  # a wrong key asks again, saying so
+        _wait(browser, "key rejected",
+              lambda d: form.is_displayed() and form.get_attribute("data-state") == "rejected")
+        assert _model_state(browser, "a") == "unloaded"
+        submit("adm1n")  # the load is retried with it
+        _wait(browser, "a loaded", lambda d: _model_state(d, "a") == "loaded" and _actions(d, "a") == ["unload"])
+        assert not form.is_displayed()
+        assert browser.execute_script("return sessionStorage.getItem('jano.adminKey')") == "adm1n"
+        assert browser.execute_script("return sessionStorage.getItem('jano.telemetryToken')") is None
+        assert _text(browser, "#conn").startswith("live")
+
+        # The key is kept for the tab: the next unload needs no prompt.
+        _click(browser, "a", "unload")
+        _wait(browser, "a unloaded", lambda d: _model_state(d, "a") == "unloaded"
+              and _text(d, "#last-swap").startswith("last: a → nothing (unloaded, requested), "))
+        assert not form.is_displayed()
+        assert _actions(browser, "b") == ["load"]
+    finally:
+        if jano is not None:
+            jano.stop()
+        a.stop()
+        b.stop()
