@@ -6,13 +6,14 @@ lists, from the scheduler's own knowledge (never probed, never guessed).
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 from twisted.logger import Logger
 
 from jano.errors import Busy, Draining
 from jano.interfaces import Lifecycle
 from jano.records import ModelSpec, SchedulerSnapshot, iso
+from jano.telemetry import views
 
 __all__ = ["ModelStatus", "model_status", "request_load", "request_unload", "ollama_ps"]
 
@@ -22,19 +23,11 @@ log = Logger()
 
 
 def model_status(spec: ModelSpec, snap: SchedulerSnapshot) -> ModelStatus:
-    """What ``spec`` is doing now, by its group's slot."""
-    if spec.always_on:
-        return "loaded"
-    for g in snap.groups:
-        if g.name != spec.group:
-            continue
-        if g.unloading == spec.name:
-            return "unloading"
-        if g.swapping_to == spec.name:
-            return "loading"
-        if g.resident == spec.name:
-            return "loaded"
-    return "unloaded"
+    """What ``spec`` is doing now, by its group's slot (as ``/status`` says it)."""
+    state = next((m for m in snap.models if m.name == spec.name), None)
+    if state is None:
+        return "loaded" if spec.always_on else "unloaded"
+    return cast(ModelStatus, views.model_status(state, snap))
 
 
 def request_load(scheduler: Lifecycle, spec: ModelSpec) -> tuple[int, dict[str, object]]:
