@@ -144,6 +144,12 @@ class Recorder:
             ["model"],
             registry=registry,
         )
+        self._stalls = Counter(
+            "jano_upstream_stalls_total",
+            "Requests ended because the upstream sent no body byte for stall_timeout.",
+            ["model"],
+            registry=registry,
+        )
         # (finished at, seconds) of hidden reloads
         self._reload_times: deque[tuple[float, float]] = deque(maxlen=_WINDOW_MAX)
         self._disconnects = Counter(
@@ -186,6 +192,7 @@ class Recorder:
             self._series_for(spec.name)
             self._disconnects_for(spec.name)
             self._reloads.labels(spec.name)
+            self._stalls.labels(spec.name)
             if not spec.always_on:
                 for result in SWAP_RESULTS:
                     self._swaps.labels(spec.name, result)
@@ -237,6 +244,8 @@ class Recorder:
         self.requests_total += 1
         if record.outcome == "completed":
             self.served_total += 1
+        elif record.outcome == "upstream_stalled":
+            self._stalls.labels(label).inc()
 
         if record.duration is not None:
             series.duration.observe(record.duration)

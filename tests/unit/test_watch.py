@@ -69,6 +69,7 @@ def test_a_stream_that_goes_quiet_ends_as_stalled_and_three_in_a_row_stall_the_m
         rec = w.usage(1)[0]
         assert rec["outcome"] == "upstream_stalled", rec
     assert w.fakes["a"].stats()["disconnected"] == 3  # each upstream request was dropped
+    assert metric(w, "jano_upstream_stalls_total", model="a") == 3.0
     status = json.loads(w.call("GET", "/status")[1])
     assert status["backendHealth"]["a"] == "stalled"
     assert "stalled" in status["modelsDown"]["a"]["reason"]
