@@ -139,6 +139,8 @@ class UsageRecord(NamedTuple):
     duration: Optional[float]
     usage: Optional[Usage]
     outcome: Outcome
+    #: The name of the API key the caller used (``server.api_keys``), else ``None``.
+    caller: Optional[str] = None
 
 
 HealthState = Literal["up", "down", "loading", "unloaded", "unknown", "stalled"]
