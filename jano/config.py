@@ -25,6 +25,18 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class CallerKey:
+    """One named API key (``server.api_keys``): who is calling, and their limits."""
+
+    name: str
+    key: str = field(repr=False)
+    #: Requests of this caller waiting in Jano's queues at most (``None``: no limit).
+    max_queued: Optional[int] = None
+    #: Requests of this caller per minute at most (``None``: no limit).
+    requests_per_minute: Optional[int] = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = DEFAULT_LISTEN
     #: Seconds to wait for an upstream's response headers before answering 504.
@@ -51,6 +63,8 @@ class ServerConfig:
     request_id_header: str = "X-Jano-Request-Id"
     #: Bearer token for the proxy routes (``None``: open).
     api_key: Optional[str] = field(default=None, repr=False)
+    #: Named keys for the proxy routes; each caller's name goes into its usage records.
+    api_keys: tuple[CallerKey, ...] = field(default=(), repr=False)
     #: Bearer token for loading and unloading models (``None``: ``api_key``).
     admin_key: Optional[str] = field(default=None, repr=False)
     #: Bearer token for the telemetry routes (``None``: open).
@@ -191,6 +205,41 @@ def _read_key(table: Mapping[str, Any], key: str, path: str, base: Path) -> Opti
     return inline
 
 
+def _api_keys(raw: Any, base: Path) -> tuple[CallerKey, ...]:
+    if not isinstance(raw, list) or not all(isinstance(k, dict) for k in raw):
+        raise ConfigError("server.api_keys: expected an array of tables "
+                          "([[server.api_keys]] with name and key or key_file)")
+    keys: list[CallerKey] = []
+    for i, entry in enumerate(raw):
+        path = f"server.api_keys[{i}]"
+        _check_keys(entry, ("name", "key", "key_file", "max_queued", "requests_per_minute"), path)
+        name = _get(entry, "name", path, str, None,
+                    lambda v: None if v and len(v) <= 64 and v.isprintable() else
+                    "expected a short printable name")
+        if name is None:
+            raise ConfigError(f"{path}.name: missing (every key needs a caller name)")
+        key = _read_key(entry, "key", path, base)
+        if key is None:
+            raise ConfigError(f"{path}.key: missing (give key or key_file)")
+        if any(k.name == name for k in keys):
+            raise ConfigError(f"{path}.name: duplicate caller name {name!r}")
+        if any(hmac_equal(k.key, key) for k in keys):
+            raise ConfigError(f"{path}.key: the same key as another caller's")
+        keys.append(CallerKey(
+            name=name, key=key,
+            max_queued=_get(entry, "max_queued", path, int, None,
+                            lambda v: None if v >= 1 else "expected at least 1"),
+            requests_per_minute=_get(entry, "requests_per_minute", path, int, None,
+                                     lambda v: None if v >= 1 else "expected at least 1")))
+    return tuple(keys)
+
+
+def hmac_equal(a: str, b: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
 # --- the parser ---------------------------------------------------------------
 
 _MODEL_KEYS = ("name", "upstream", "kind", "health", "max_concurrency", "group", "always_on",
@@ -207,7 +256,7 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
     _check_keys(srv, ("listen", "upstream_timeout", "max_body_bytes", "idle_write_timeout",
                       "shutdown_grace", "api_key", "api_key_file", "telemetry_key",
                       "telemetry_key_file", "max_connections", "max_connections_per_client",
-                      "idle_timeout", "admin_key", "admin_key_file", "stall_timeout",
+                      "idle_timeout", "admin_key", "admin_key_file", "api_keys", "stall_timeout",
                       "stall_threshold", "stall_cooldown", "request_id_header"), "server")
     server = ServerConfig(
         listen=_get(srv, "listen", "server", str, DEFAULT_LISTEN),
@@ -231,6 +280,7 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         api_key=_read_key(srv, "api_key", "server", base),
         telemetry_key=_read_key(srv, "telemetry_key", "server", base),
         admin_key=_read_key(srv, "admin_key", "server", base),
+        api_keys=_api_keys(srv.get("api_keys", []), base),
     )
 
     sch = _table(doc, "scheduler")

@@ -115,6 +115,8 @@ class LiveRequest(NamedTuple):
     arrived_at: float
     #: When the scheduler let it go (``None`` while queued).
     dispatched_at: Optional[float]
+    #: The named key it came with (``None``: none).
+    caller: Optional[str] = None
 
 
 class UsageRecord(NamedTuple):

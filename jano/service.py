@@ -33,10 +33,16 @@ from jano.swap import ScriptSwapper, check_swap_command, http_probe
 from jano.swap.health import HealthMonitor
 from jano.telemetry import Telemetry
 from jano.web.app import JanoApp
-from jano.web.site import JanoSite
+from jano.web.limits import CallerLimits
+from jano.web.site import JanoSite, Keys
 
 #: Probes and readiness checks get their own short timeout.
 PROBE_TIMEOUT = 5.0
+
+
+def _keys(config: Config) -> Keys:
+    srv = config.server
+    return Keys(srv.api_key, [(k.name, k.key) for k in srv.api_keys])
 
 
 def _stuck_after(config: Config) -> float:
@@ -117,11 +123,12 @@ class JanoService(MultiService):
                                    max_wait=config.scheduler.max_wait,
                                    stuck_after=_stuck_after(config),
                                    reload_threshold=config.telemetry.reload_threshold)
+        self.telemetry.set_callers([k.name for k in config.server.api_keys])
         srv = config.server
         self.forwarder = Forwarder(agent, reactor, self.scheduler, self.telemetry,
                                    upstream_timeout=srv.upstream_timeout,
                                    idle_write_timeout=srv.idle_write_timeout,
-                                   strip_authorization=srv.api_key is not None,
+                                   strip_authorization=not _keys(config).open,
                                    stall_timeout=srv.stall_timeout,
                                    stall_threshold=srv.stall_threshold,
                                    stall_cooldown=srv.stall_cooldown,
@@ -129,16 +136,18 @@ class JanoService(MultiService):
                                    or None)
         self.app = JanoApp(config.models, self.forwarder, self.telemetry, self._fallback,
                            lifecycle=self.scheduler, clock=reactor,
-                           api_key=config.server.api_key, admin_key=config.server.admin_key,
+                           keys=_keys(config), admin_key=config.server.admin_key,
                            telemetry_key=config.server.telemetry_key, started_at=started_at,
                            usage_ring=config.telemetry.usage_ring,
                            thrash_swaps_per_hour=config.telemetry.thrash_swaps_per_hour)
+        self.app.limits = CallerLimits.from_keys(config.server.api_keys, self.forwarder.queued_by)
         self.resource = self.app.resource()
         srv = config.server
         self.site = JanoSite(self.resource, max_body_bytes=srv.max_body_bytes,
-                             api_key=srv.api_key, max_connections=srv.max_connections,
+                             keys=_keys(config), max_connections=srv.max_connections,
                              max_connections_per_client=srv.max_connections_per_client,
                              idle_timeout=srv.idle_timeout, reactor=reactor)
+        self.site.on_refused = self.telemetry.queue_rejected
         self.listener: Optional[Any] = None
         if listen:
             self.listener = strports.service(srv.listen, self.site, reactor=reactor)
@@ -224,15 +233,17 @@ class JanoService(MultiService):
         self.telemetry.max_wait = new.scheduler.max_wait
         self.telemetry.stuck_after = _stuck_after(new)
         self.telemetry.reload_threshold = new.telemetry.reload_threshold
+        self.telemetry.set_callers([k.name for k in new.server.api_keys])
         self.forwarder.idle_write_timeout = new.server.idle_write_timeout
-        self.forwarder.strip_authorization = new.server.api_key is not None
+        self.forwarder.strip_authorization = not _keys(new).open
         site = self.site
         site.max_body_bytes = new.server.max_body_bytes
-        site.api_key = new.server.api_key
+        site.keys = _keys(new)
         site.max_connections = new.server.max_connections
         site.max_connections_per_client = new.server.max_connections_per_client
         app = self.app
-        app.api_key = new.server.api_key
+        app.keys = _keys(new)
+        app.limits.limits = CallerLimits.from_keys(new.server.api_keys, self.forwarder.queued_by).limits
         app.admin_key = new.server.admin_key
         app.telemetry_key = new.server.telemetry_key
         app.thrash_swaps_per_hour = new.telemetry.thrash_swaps_per_hour

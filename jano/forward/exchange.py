@@ -80,8 +80,9 @@ class Exchange:
 
     def __init__(self, fwd: Forwarder, request: Request, spec: ModelSpec, body: bytes,
                  admit: bool, stream_hint: bool, arrived_at: float, path: bytes,
-                 target: bytes) -> None:
+                 target: bytes, caller: Optional[str] = None) -> None:
         self.fwd = fwd
+        self.caller = caller
         self.path = path
         self.target = target
         #: Fires (with ``None``) once the request has ended, in any way.  The
@@ -185,7 +186,8 @@ class Exchange:
 
     def live(self) -> LiveRequest:
         dispatched = self.ticket.dispatched_at if self.ticket is not None else self._forwarded_at
-        return LiveRequest(self.id, self.spec.name, self.phase, self.arrived_at, dispatched)
+        return LiveRequest(self.id, self.spec.name, self.phase, self.arrived_at, dispatched,
+                           self.caller)
 
     def last_byte_at(self) -> Optional[float]:
         tee = self._tee
@@ -316,7 +318,7 @@ class Exchange:
             status=self.status, stream=self.stream, arrived_at=self.arrived_at,
             queue_wait=ticket.queue_wait if ticket is not None else (0.0 if not self.admit else None),
             waited_for_swap=bool(ticket and ticket.waited_for_swap), ttfb=self.ttfb,
-            duration=now - self.arrived_at, usage=usage, outcome=outcome))
+            duration=now - self.arrived_at, usage=usage, outcome=outcome, caller=self.caller))
         if settle:
             self._settle()
 

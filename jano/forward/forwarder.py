@@ -36,6 +36,7 @@ class Watched(Protocol):
 
     id: int
     phase: Phase
+    caller: Optional[str]
 
     def live(self) -> LiveRequest: ...
 
@@ -137,6 +138,10 @@ class Forwarder:
     def live_requests(self) -> list[LiveRequest]:
         return [e.live() for e in self.live.values()]
 
+    def queued_by(self, caller: str) -> int:
+        """Requests of ``caller`` waiting in the scheduler's queues now."""
+        return sum(1 for e in self.live.values() if e.phase == "queued" and e.caller == caller)
+
     # --- response headers due -------------------------------------------------------------
 
     def await_headers(self, exchange: Watched) -> None:
@@ -219,7 +224,8 @@ class Forwarder:
 
     def refuse(self, request: Request, path: bytes, refusal: Refusal, arrived_at: float,
                model: Optional[str] = None, stream: bool = False,
-               retry_after: Optional[float] = None, request_id: Optional[int] = None) -> None:
+               retry_after: Optional[float] = None, request_id: Optional[int] = None,
+               caller: Optional[str] = None) -> None:
         """Answer with ``refusal`` and record the request as rejected."""
         rid = request_id if request_id is not None else self.recorder.next_request_id()
         if self.request_id_header:
@@ -233,4 +239,4 @@ class Forwarder:
             path=path.decode("utf-8", "replace"), status=refusal.status,
             stream=stream, arrived_at=arrived_at, queue_wait=None, waited_for_swap=False,
             ttfb=None, duration=self.clock.seconds() - arrived_at, usage=None,
-            outcome="rejected"))
+            outcome="rejected", caller=caller))

@@ -178,11 +178,12 @@ class ScrapeCollector:
     def _series_families(self) -> Iterable[Metric]:
         series = self._recorder.series
         requests = CounterMetricFamily(
-            "jano_requests", "Requests finished, by model and HTTP status sent (0: none was sent).",
-            labels=["model", "code"])
+            "jano_requests", "Requests finished, by model, HTTP status sent (0: none was sent) "
+            "and caller (the named API key; \"\" for none).",
+            labels=["model", "code", "caller"])
         for label, one in series.items():
-            for code, count in one.codes.items():
-                requests.add_metric([label, code], count.value)
+            for (code, caller), count in one.codes.items():
+                requests.add_metric([label, code, caller], count.value)
         yield requests
         for name, text, attr in _SERIES_COUNTERS:
             family = CounterMetricFamily(name, text, labels=["model"])

@@ -74,6 +74,10 @@ class Telemetry:
 
     # -- configuration -----------------------------------------------------
 
+    def set_callers(self, names: Sequence[str]) -> None:
+        """The configured callers: the only values the ``caller`` label takes."""
+        self._recorder.callers = frozenset(names)
+
     @property
     def reload_threshold(self) -> float:
         """Seconds of reported load time that count as a hidden reload."""

@@ -29,7 +29,7 @@ def queue_body(live: Sequence[LiveRequest], snap: SchedulerSnapshot,
     entries: list[dict[str, object]] = []
     for r in sorted(live, key=lambda r: (r.arrived_at, r.id)):
         entry: dict[str, object] = {
-            "id": r.id, "model": r.model, "arrivedAt": iso(r.arrived_at),
+            "id": r.id, "model": r.model, "caller": r.caller, "arrivedAt": iso(r.arrived_at),
         }
         if r.phase == "queued":
             pos = position[r.model] = position.get(r.model, 0) + 1

@@ -41,6 +41,8 @@ REJECTION_REASONS: tuple[str, ...] = (
     "bad_request",
     "too_large",
     "unauthorized",
+    "caller_queue_full",
+    "caller_rate_limited",
     "other",
 )
 #: Label values of ``jano_client_disconnects_total{phase}``; anything else is "other".
@@ -188,6 +190,9 @@ class Recorder:
         """
         self.models = tuple(models)
         self._names = frozenset(m.name for m in self.models)
+        if not hasattr(self, "callers"):
+            #: Configured caller names: the only values of the ``caller`` label.
+            self.callers: frozenset[str] = frozenset()
         for spec in self.models:
             self._series_for(spec.name)
             self._disconnects_for(spec.name)
@@ -237,9 +242,11 @@ class Recorder:
         series = self._series_for(label)
 
         code = "0" if record.status is None else str(record.status)
-        count = series.codes.get(code)
+        caller = record.caller
+        key = (code, caller if caller is not None and caller in self.callers else "")
+        count = series.codes.get(key)
         if count is None:
-            count = series.codes[code] = Count()
+            count = series.codes[key] = Count()
         count.value += 1
         self.requests_total += 1
         if record.outcome == "completed":

@@ -80,7 +80,8 @@ class ModelSeries:
     )
 
     def __init__(self) -> None:
-        self.codes: dict[str, Count] = {}
+        #: By (status code, caller label).
+        self.codes: dict[tuple[str, str], Count] = {}
         self.duration = Buckets(DURATION_BUCKETS)
         self.ttfb = Buckets(TTFB_BUCKETS)
         self.queue_wait = Buckets(QUEUE_WAIT_BUCKETS)

@@ -140,6 +140,7 @@ def _usage_entry(record: UsageRecord) -> dict[str, object]:
     entry: dict[str, object] = {
         "id": record.id,
         "model": record.model,
+        "caller": record.caller,
         "method": record.method,
         "path": path,
         "status": record.status,

@@ -35,7 +35,8 @@ from jano.telemetry import Telemetry
 from jano.telemetry.queue import queue_body
 from jano.web import dashboard
 from jano.web.lifecycle import model_status, ollama_ps, request_load, request_unload
-from jano.web.site import UNAUTHORIZED, bearer_ok
+from jano.web.limits import CallerLimits
+from jano.web.site import UNAUTHORIZED, Keys, bearer_ok
 
 #: Paths Jano answers itself: another method on them gets 405, never the backend.
 OWN_ROUTES = frozenset({b"/health", b"/status", b"/usage", b"/metrics", b"/ui",
@@ -115,7 +116,7 @@ class JanoApp:
 
     def __init__(self, models: tuple[ModelSpec, ...], forwarder: Forwarder,
                  telemetry: Telemetry, fallback: Callable[[], Optional[ModelSpec]], *,
-                 lifecycle: Lifecycle, clock: IReactorTime, api_key: Optional[str] = None,
+                 lifecycle: Lifecycle, clock: IReactorTime, keys: Optional[Keys] = None,
                  admin_key: Optional[str] = None,
                  telemetry_key: Optional[str] = None, started_at: float = 0.0,
                  usage_ring: int = 1000, thrash_swaps_per_hour: int = 20) -> None:
@@ -123,7 +124,10 @@ class JanoApp:
         self.telemetry = telemetry
         self.fallback = fallback
         self.clock = clock
-        self.api_key = api_key
+        #: The proxy routes' keys (and the model lists').
+        self.keys = keys if keys is not None else Keys()
+        #: Per-caller limits, checked before a request is queued.
+        self.limits = CallerLimits({}, forwarder.queued_by)
         self.admin_key = admin_key
         self.lifecycle = lifecycle
         self.telemetry_key = telemetry_key
@@ -143,6 +147,14 @@ class JanoApp:
     def _denied(self, request: Request, key: Optional[str]) -> Optional[bytes]:
         if bearer_ok(request.requestHeaders, key):
             return None
+        return self._unauthorized(request)
+
+    def _denied_keys(self, request: Request) -> Optional[bytes]:
+        if self.keys.caller(request.requestHeaders)[0]:
+            return None
+        return self._unauthorized(request)
+
+    def _unauthorized(self, request: Request) -> bytes:
         request.setHeader(b"www-authenticate", b'Bearer realm="jano"')
         return _error(request, 401, "missing or wrong bearer token", "authentication_error")
 
@@ -201,7 +213,7 @@ class JanoApp:
 
     @app.route("/v1/models", methods=["GET", "HEAD"])
     def openai_models(self, request: Request) -> bytes:
-        denied = self._denied(request, self.api_key)
+        denied = self._denied_keys(request)
         if denied:
             return denied
         created = int(self.started_at)
@@ -213,7 +225,7 @@ class JanoApp:
 
     @app.route("/api/tags", methods=["GET", "HEAD"])
     def ollama_tags(self, request: Request) -> bytes:
-        denied = self._denied(request, self.api_key)
+        denied = self._denied_keys(request)
         if denied:
             return denied
         when = iso(self.started_at)
@@ -222,7 +234,7 @@ class JanoApp:
 
     @app.route("/api/ps", methods=["GET", "HEAD"])
     def ollama_ps(self, request: Request) -> bytes:
-        denied = self._denied(request, self.api_key)
+        denied = self._denied_keys(request)
         if denied:
             return denied
         return _json(request, 200, ollama_ps(self.models, self.lifecycle.snapshot()))
@@ -239,8 +251,8 @@ class JanoApp:
 
     def _lifecycle(self, request: Request, name: str,
                    act: Callable[[Lifecycle, ModelSpec], tuple[int, dict[str, object]]]) -> bytes:
-        key = self.admin_key if self.admin_key is not None else self.api_key
-        denied = self._denied(request, key)
+        denied = (self._denied(request, self.admin_key) if self.admin_key is not None
+                  else self._denied_keys(request))
         if denied:
             return denied
         spec = self.by_name.get(name)
@@ -284,7 +296,8 @@ class JanoApp:
             return _error(request, 405, "method not allowed; use POST", "invalid_request_error")
         fwd = self.forwarder
         arrived = fwd.clock.seconds()
-        if not bearer_ok(request.requestHeaders, self.api_key):
+        allowed, caller = self.keys.caller(request.requestHeaders)
+        if not allowed:
             request.setHeader(b"www-authenticate", b'Bearer realm="jano"')
             fwd.refuse(request, path, UNAUTHORIZED, arrived)
             return None
@@ -303,14 +316,17 @@ class JanoApp:
             fwd.refuse(request, path, decision, arrived)
             return None
         if self.draining:
-            fwd.refuse(request, path, _DRAINING, arrived, decision.spec.name, retry_after=5.0)
+            fwd.refuse(request, path, _DRAINING, arrived, decision.spec.name, retry_after=5.0,
+                       caller=caller)
             return None
-        return self._exchange(request, decision, body, arrived, path)
-
-    def _exchange(self, request: Request, decision: Routed, body: bytes, arrived: float,
-                  path: bytes) -> Deferred[None]:
+        over = self.limits.check(caller, arrived) if decision.admit else None
+        if over is not None:
+            fwd.refuse(request, path, over[0], arrived, decision.spec.name, retry_after=over[1],
+                       caller=caller)
+            return None
         return Exchange(self.forwarder, request, decision.spec, body, decision.admit,
-                        decision.stream_hint, arrived, path, _target(request, path)).start()
+                        decision.stream_hint, arrived, path, _target(request, path),
+                        caller).start()
 
     @app.handle_errors(NotFound)  # type: ignore[arg-type]
     def not_routed(self, request: Request, failure: Any) -> Any:

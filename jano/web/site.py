@@ -25,7 +25,7 @@ from __future__ import annotations
 import hmac
 from collections import Counter
 from io import BytesIO
-from typing import Any, Optional, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import connectionDone
@@ -44,6 +44,41 @@ DEFAULT_MAX_CONNECTIONS = 2048
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 1024
 
 UNAUTHORIZED = Refusal(401, "missing or wrong API key", "authentication_error", "unauthorized")
+
+
+class Keys:
+    """
+    The proxy routes' bearer tokens: the one ``api_key`` and the named
+    ``api_keys``, each naming its caller.  Every key is compared, in constant
+    time, whatever matched first; no key is ever logged.
+    """
+
+    def __init__(self, api_key: Optional[str] = None,
+                 named: Sequence[tuple[str, str]] = ()) -> None:
+        self._keys: list[tuple[bytes, Optional[str]]] = [(k.encode(), n) for n, k in named]
+        if api_key is not None:
+            self._keys.append((api_key.encode(), None))
+
+    @property
+    def open(self) -> bool:
+        """No key is configured: everyone may call."""
+        return not self._keys
+
+    def caller(self, headers: Headers) -> tuple[bool, Optional[str]]:
+        """``(allowed, caller name)`` for a request's ``Authorization`` header."""
+        if not self._keys:
+            return True, None
+        got = headers.getRawHeaders(b"authorization")
+        token = b""
+        if got and len(got) == 1:
+            scheme, _, value = got[0].partition(b" ")
+            if scheme.lower() == b"bearer":
+                token = value.strip()
+        found: Optional[tuple[bytes, Optional[str]]] = None
+        for key, name in self._keys:
+            if hmac.compare_digest(token, key) and found is None:
+                found = (key, name)
+        return (True, found[1]) if found is not None else (False, None)
 
 
 def bearer_ok(headers: Headers, key: Optional[str]) -> bool:
@@ -130,7 +165,7 @@ class JanoRequest(server.Request):
         elif length is not None and length > site.max_body_bytes:
             self.refuse_early(Refusal(413, f"request body larger than {site.max_body_bytes} bytes",
                                       "invalid_request_error", "too_large"))
-        elif length != 0 and not bearer_ok(self.requestHeaders, site.api_key):
+        elif length != 0 and not site.keys.caller(self.requestHeaders)[0]:
             # A body is coming from a caller without the key: answer now, read none of it.
             self.refuse_early(UNAUTHORIZED)
 
@@ -153,6 +188,8 @@ class JanoRequest(server.Request):
         self.requestHeaders.removeHeader(b"expect")
         site = self.site_policy
         site.refused_early[refusal.reason] += 1
+        if site.on_refused is not None:
+            site.on_refused(refusal.reason)
         path = (origin_form(self.target) or (b"/", None))[0].split(b"?", 1)[0]
         body = error_body(path, refusal.status, refusal.message, refusal.kind)
         extra = {b"www-authenticate": [b'Bearer realm="jano"']} if refusal.status == 401 else {}
@@ -213,6 +250,7 @@ class JanoSite(server.Site):
     :param max_body_bytes: largest request body held; larger gets 413.
     :param api_key: when set, a request with a body and without this bearer
         token gets 401 before its body is read.
+    :param keys: the same with several (named) keys; replaces ``api_key``.
     :param max_connections: open client connections at most; more are closed
         unread.
     :param max_connections_per_client: the same, per client address.
@@ -224,19 +262,22 @@ class JanoSite(server.Site):
     log_ = Logger()
 
     def __init__(self, resource: IResource, *, max_body_bytes: int = 8 * 1024 * 1024,
-                 api_key: Optional[str] = None,
+                 api_key: Optional[str] = None, keys: Optional[Keys] = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT, reactor: Any = None) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, timeout=idle_timeout,
                          reactor=reactor)
         self.max_body_bytes = max_body_bytes
-        self.api_key = api_key
+        #: The proxy routes' keys (``api_key`` alone when no ``keys`` are given).
+        self.keys = keys if keys is not None else Keys(api_key)
         self.max_connections = max_connections
         self.max_connections_per_client = max_connections_per_client
         self.open_connections = 0
         self._per_client: Counter[str] = Counter()
         self.refused_connections = 0
+        #: Told the reason of each refusal made from the headers alone (telemetry).
+        self.on_refused: Optional[Callable[[str], None]] = None
         self.refused_early: Counter[str] = Counter()
 
     @staticmethod

@@ -128,7 +128,8 @@ def test_the_listener_gets_the_configured_limits_and_a_reload_changes_them() -> 
     svc = JanoService(_config(server=server), reactor, swapper=SimulatedSwapper(reactor, {}),
                       probe=_refuse, listen=False)
     site = svc.site
-    assert (site.max_connections, site.max_connections_per_client, site.timeOut, site.api_key,
-            site.max_body_bytes) == (3, 2, 7.0, "k", 4096)
+    assert (site.max_connections, site.max_connections_per_client, site.timeOut,
+            site.max_body_bytes) == (3, 2, 7.0, 4096)
+    assert not site.keys.open and not svc.app.keys.open
     svc.reload(_config(server=ServerConfig(max_connections=5, api_key=None)))
-    assert site.max_connections == 5 and site.api_key is None and svc.app.api_key is None
+    assert site.max_connections == 5 and site.keys.open and svc.app.keys.open

@@ -442,6 +442,7 @@ def test_usage_entry_fields() -> None:
         "promptTokS": 2000.0,
         "usageSource": "llamacpp-timings",
         "backendLoadMs": None,
+        "caller": None,
         "outcome": "completed",
     }
 
@@ -506,8 +507,8 @@ def test_request_metrics() -> None:
         record(telemetry, status=None, outcome="client_disconnected", queue_wait=None, ttfb=None, duration=3.0)
     )
     samples = scrape(telemetry)
-    assert value(samples, "jano_requests_total", model="big", code="200") == 3
-    assert value(samples, "jano_requests_total", model="big", code="0") == 1
+    assert value(samples, "jano_requests_total", model="big", code="200", caller="") == 3
+    assert value(samples, "jano_requests_total", model="big", code="0", caller="") == 1
     assert value(samples, "jano_request_duration_seconds_count", model="big") == 4
     assert value(samples, "jano_request_duration_seconds_sum", model="big") == 37.0
     assert value(samples, "jano_request_duration_seconds_bucket", model="big", le="2.5") == 2
@@ -612,8 +613,8 @@ def test_unconfigured_models_never_become_label_values() -> None:
     health[evil] = "up"
     samples = scrape(telemetry)
     assert evil not in label_values(samples)
-    assert value(samples, "jano_requests_total", model="", code="200") == 1
-    assert value(samples, "jano_requests_total", model="", code="404") == 1
+    assert value(samples, "jano_requests_total", model="", code="200", caller="") == 1
+    assert value(samples, "jano_requests_total", model="", code="404", caller="") == 1
     assert value(samples, "jano_generation_tokens_total", model="") == 10
     assert value(samples, "jano_model_swaps_total", to_model="", result="ok") == 1
     assert value(samples, "jano_queue_depth", model="") == 3
@@ -631,8 +632,8 @@ def test_set_models_adds_series_and_demotes_removed_models() -> None:
     samples = scrape(telemetry)
     assert value(samples, "jano_prompt_tokens_total", model="tiny") == 0
     assert value(samples, "jano_model_swaps_total", to_model="tiny", result="ok") == 0
-    assert value(samples, "jano_requests_total", model="small", code="200") == 1
-    assert value(samples, "jano_requests_total", model="", code="200") == 1
+    assert value(samples, "jano_requests_total", model="small", code="200", caller="") == 1
+    assert value(samples, "jano_requests_total", model="", code="200", caller="") == 1
 
 
 def test_registry_is_jano_own() -> None:
