@@ -115,6 +115,7 @@ class Recorder:
         self.recent_swaps: deque[SwapEvent] = deque(maxlen=RECENT_SWAPS)
 
         self.requests_total = 0
+        self.swaps_total = 0
         self.served_total = 0
         self.without_usage_total = 0
         self.completion_tokens_total = 0
@@ -296,7 +297,7 @@ class Recorder:
             self._reload_times.popleft()
         self._reload_times.append((now, seconds))
         group = next((m.group for m in self.models if m.name == record.model), "")
-        started = now - (record.duration or 0.0)
+        started = now - max(record.duration or 0.0, seconds)  # never ending in the future
         self.recent_swaps.append(SwapEvent(group, record.model, record.model, started, seconds,
                                            "ok", kind="reload", reason="backend"))
 
@@ -319,6 +320,7 @@ class Recorder:
         if event.duration >= 0:
             self._swap_duration.labels(label, result).observe(event.duration)
         self.last_swap = event
+        self.swaps_total += 1
         self.recent_swaps.append(event)
         self._expire_swaps(self._clock.seconds())
         self._swap_starts.append((event.started_at, event.group))

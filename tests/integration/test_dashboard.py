@@ -1,8 +1,9 @@
 """
 The dashboard in a real browser (headless Chromium through Selenium) against
 a real Jano process: live numbers appear, nulls never show as 0, swaps land
-on the timeline, the telemetry-token form works, and the model table's Load
-and Unload buttons work (asking for the admin key when one is set).
+on the timeline, the telemetry-token form works, the model table's Load
+and Unload buttons work (asking for the admin key when one is set), a
+stalled model is shown as such, and so is a reload the backend did on its own.
 """
 
 from __future__ import annotations
@@ -133,6 +134,36 @@ def _slow_stream(url: str, model: str) -> socket.socket:
     sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
                  "Content-Type: application/json\r\nX-Fake-Delay-Ms: 250\r\n\r\n".encode() + data)
     return sock
+
+
+def _stream_until_cut(url: str, model: str, headers: dict[str, str]) -> bytes:
+    """A streamed chat completion on a raw socket, read until Jano closes the connection."""
+    host, port = url.split("//")[1].split(":")
+    data = json.dumps({"model": model, "stream": True, "max_tokens": 5, "messages": []}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            "Content-Type: application/json\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + "\r\n").encode()
+    raw = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + data)
+        try:
+            while chunk := sock.recv(65536):
+                raw += chunk
+        except ConnectionResetError:
+            pass
+    return raw
+
+
+def _fetched(driver: Any) -> list[str]:
+    """The URLs the page has fetched so far."""
+    return list(driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)"))
+
+
+def _color(driver: Any, css: str) -> str:
+    """A CSS colour (a custom property, say) as the browser computes it."""
+    return str(driver.execute_script(
+        "const el = document.body.appendChild(document.createElement('i'));"
+        "el.style.color = arguments[0]; const c = getComputedStyle(el).color; el.remove(); return c;", css))
 
 
 def _screenshot(driver: Any) -> None:
@@ -399,3 +430,106 @@ def test_dashboard_asks_for_the_admin_key(tmp_path: Path, browser: Any) -> None:
             jano.stop()
         a.stop()
         b.stop()
+
+
+def test_dashboard_shows_a_stalled_model(tmp_path: Path, browser: Any) -> None:
+    backend = start_fake_backend(tmp_path, model="m")
+    jano: Proc | None = None
+    try:
+        # api_key guards the model routes, not /status: the page polls without it, and asks
+        # nothing of v1/models (which would answer 401 on every poll)
+        jano = start_jano(tmp_path, jano_config(
+            [("m", backend.url)], always_on=True,
+            extra='api_key = "k3y"\nstall_timeout = 1.0\nstall_threshold = 2\nstall_cooldown = 60.0'))
+        browser.get(jano.url + "/ui")
+        _wait(browser, "first poll", lambda d: _text(d, "#conn").startswith("live"))
+        _wait(browser, "m up", lambda d: _model_state(d, "m") == "always_on"
+              and _text(d, '#models tbody tr[data-model="m"] td:nth-of-type(1)') == "up")
+        assert not browser.find_element("id", "stuck-warning").is_displayed()
+
+        # Two streams that send one chunk then go quiet: Jano cuts each after 1 s, and the
+        # second in a row marks the model stalled.
+        for _ in range(2):
+            raw = _stream_until_cut(jano.url, "m", {"X-Fake-Delay-Ms": "30000",
+                                                    "Authorization": "Bearer k3y"})
+            assert raw.startswith(b"HTTP/1.1 200") and not raw.endswith(b"0\r\n\r\n")
+        status = json.loads(get(jano.url + "/status")[2])
+        assert status["backendHealth"]["m"] == "stalled"
+        reason = status["modelsDown"]["m"]["reason"]
+        assert reason.startswith("stalled: ")
+
+        health = '#models tbody tr[data-model="m"] td:nth-of-type(1) .health'
+        _wait(browser, "m shown stalled", lambda d: _text(d, health) == "stalled")
+        row = browser.find_element("css selector", '#models tbody tr[data-model="m"]')
+        assert row.get_attribute("data-health") == "stalled"
+        badge = browser.find_element("css selector", health)
+        assert "h-stalled" in str(badge.get_attribute("class")) and badge.get_attribute("title") == reason
+        # not drawn like a plain "down": a badge of its own
+        assert badge.value_of_css_property("background-color") not in ("rgba(0, 0, 0, 0)", "transparent")
+        note = _text(browser, '#models tbody tr[data-model="m"] td:nth-of-type(5)')
+        assert note.startswith("refused (503) until ") and note.endswith(": " + reason)
+
+        # The two requests: ended as stalled, with no load time (llama.cpp reports none), not 0.
+        _wait(browser, "two stalled requests", lambda d: len(_rows(d)) == 2)
+        for r in _rows(browser):
+            assert r.get_attribute("data-outcome") == "upstream_stalled"
+            cells = r.find_elements("tag name", "td")
+            assert cells[8].get_attribute("textContent") == "stalled"
+            assert cells[5].get_dom_attribute("title") is None
+        assert not [u for u in _fetched(browser) if "v1/models" in u]
+
+        # A stuck scheduler gets a warning line of its own, drawn from what the server says.
+        status = json.loads(get(jano.url + "/status")[2])
+        browser.execute_script("janoDashboard.show(arguments[0], arguments[1])",
+                               {**status, "schedulerStuck": True}, {"data": [], "limit": 20})
+        warning = browser.find_element("id", "stuck-warning")
+        assert warning.is_displayed() and "scheduler looks stuck" in warning.text
+        _wait(browser, "the next poll clears it", lambda d: not warning.is_displayed())
+    finally:
+        if jano is not None:
+            jano.stop()
+        backend.stop()
+
+
+def test_dashboard_shows_a_hidden_reload(tmp_path: Path, browser: Any) -> None:
+    backend = start_fake_backend(tmp_path, model="m", flavor="ollama")
+    jano: Proc | None = None
+    try:
+        jano = start_jano(tmp_path, jano_config([("m", backend.url)], always_on=True))
+        browser.get(jano.url + "/ui")
+        _wait(browser, "first poll", lambda d: _text(d, "#conn").startswith("live"))
+        assert _text(browser, "#hidden-reloads") == "hidden reloads, last hour: 0"
+
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+        assert post_json(jano.url + "/api/chat", chat)[0] == 200  # Ollama's usual 1 ms load
+        assert post_json(jano.url + "/api/chat", chat, headers={"X-Fake-Load-Ms": "2500"})[0] == 200
+
+        reload_mark = '#swap-timeline [data-kind="reload"]'
+        _wait(browser, "the reload shown", lambda d: len(d.find_elements("css selector", reload_mark)) == 1
+              and _text(d, "#hidden-reloads") == "hidden reloads, last hour: 1 (2.50 s)"
+              and len(_rows(d)) == 2)
+        mark = browser.find_element("css selector", reload_mark)
+        assert "k-reload" in str(mark.get_attribute("class"))
+        assert _text(browser, reload_mark + " title").startswith("model m reloaded by the backend, 2.50 s, at ")
+        # its own colour, not a swap's
+        fill = browser.execute_script("return getComputedStyle(arguments[0]).fill",
+                                      browser.find_element("css selector", reload_mark + " rect"))
+        assert fill == _color(browser, "var(--reload)") != _color(browser, "var(--swap)")
+
+        item = browser.find_element("css selector", "#swap-list li")
+        assert item.get_attribute("data-kind") == "reload"
+        text = _text(browser, "#swap-list li")
+        assert "m reloaded by the backend 2.50 s hidden reload" in text and "→" not in text
+        assert "reloaded by the backend" in _text(browser, "#timeline-legend")
+        # not a swap Jano made: the swap figures stay as they were
+        assert _text(browser, "#swaps-hour") == "0" and _text(browser, "#last-swap") == "no swaps yet"
+
+        # the requests' load times, in the Total cell's tooltip
+        titles = [r.find_elements("tag name", "td")[5].get_attribute("title") for r in _rows(browser)]
+        assert titles == ["the backend reports 2.50 s loading the model",
+                          "the backend reports 1 ms loading the model"]
+        assert "null" not in _text(browser, "#swap-list") + _text(browser, "#hidden-reloads")
+    finally:
+        if jano is not None:
+            jano.stop()
+        backend.stop()

@@ -1,6 +1,6 @@
-/* Jano dashboard: polls `status`, `usage` and `v1/models`, keeps a few minutes
-   of history in this tab (bounded), and draws it; loads and unloads models on
-   request.  No dependencies, no build step. */
+/* Jano dashboard: polls `status` and `usage`, keeps a few minutes of history
+   in this tab (bounded), and draws it; loads and unloads models on request.
+   No dependencies, no build step. */
 "use strict";
 (function () {
   const POLL_MS = 1500;
@@ -15,13 +15,13 @@
   const NOTE_MS = 8000;                   // how long the outcome of a load or unload stays shown
   const SVG_NS = "http://www.w3.org/2000/svg";
   const OUTCOMES = { completed: "completed", client_disconnected: "client left",
-    upstream_error: "backend error", rejected: "refused by Jano" };
+    upstream_error: "backend error", upstream_stalled: "stalled", rejected: "refused by Jano" };
 
   // Jano's own routes sit next to the page: "/" for /ui and /, "/jano/" for /jano/ui.
   const BASE = location.pathname.replace(/(^|\/)ui\/?(index\.html)?$/, "$1").replace(/[^/]*$/, "");
 
   const state = { samples: [], swaps: new Map(), colors: new Map(), skew: 0, status: null,
-    usage: null, models: null, timer: 0, busy: false, waitingForToken: false, mem: {},
+    usage: null, timer: 0, busy: false, waitingForToken: false, mem: {},
     acting: new Set(), retry: null, noteTimer: 0 };
 
   const $ = (id) => document.getElementById(id);
@@ -78,10 +78,13 @@
   }
   const clock = (t) => new Date(t).toLocaleTimeString([], { hour12: false });
   const ago = (iso) => (nowMs() - Date.parse(iso)) / 1000;
-  // "a → b", or for an unload (a swap to nothing) "a → nothing (unloaded, idle)".
-  const isUnload = (s) => s.kind === "unload" || s.to == null;
-  const swapText = (s) => `${s.from ?? "nothing"} → ` +
-    (isUnload(s) ? `nothing (unloaded${s.reason ? ", " + s.reason : ""})` : s.to);
+  // "a → b", for an unload (a swap to nothing) "a → nothing (unloaded, idle)", and for a
+  // hidden reload (the backend loaded the model again on its own) "a reloaded by the backend".
+  const isReload = (s) => s.kind === "reload";
+  const isUnload = (s) => s.kind === "unload" || (s.to == null && !isReload(s));
+  const kindOf = (s) => (isReload(s) ? "reload" : isUnload(s) ? "unload" : "swap");
+  const swapText = (s) => (isReload(s) ? `${s.to ?? s.from} reloaded by the ${s.reason || "backend"}`
+    : `${s.from ?? "nothing"} → ` + (isUnload(s) ? `nothing (unloaded${s.reason ? ", " + s.reason : ""})` : s.to));
 
   /* -- talking to Jano -------------------------------------------------- */
 
@@ -120,12 +123,7 @@
     state.busy = true;
     clearTimeout(state.timer);
     try {
-      // v1/models (guarded by api_key) says which model is loading or unloading, and which is
-      // always_on; without it the table goes by the status alone.
-      const [st, us, list] = await Promise.all([getJSON("status"), getJSON("usage?limit=20"),
-        getJSON("v1/models", adminToken()).catch(() => null)]);
-      state.models = list && Array.isArray(list.data)
-        ? Object.fromEntries(list.data.map((m) => [m.id, m.status && m.status.value])) : null;
+      const [st, us] = await Promise.all([getJSON("status"), getJSON("usage?limit=20")]);
       show(st, us);
       setConn("live", `live · ${clock(Date.now())}`);
     } catch (e) {
@@ -304,7 +302,7 @@
       g.swapInProgress ? h("span", { class: "tag busy" }, `loading ${g.swapInProgress.to}`) : ""))));
 
     const busy = groups.filter(([, g]) => g.swapInProgress);
-    const unloading = Object.keys(state.models || {}).filter((m) => state.models[m] === "unloading");
+    const unloading = Object.keys(st.modelStatus || {}).filter((m) => st.modelStatus[m] === "unloading");
     const sw = $("swap-status");
     sw.dataset.state = busy.length || unloading.length ? "swapping" : "idle";
     sw.replaceChildren(...busy.map(([name, g]) => h("span", { class: "swapping" },
@@ -312,8 +310,10 @@
       h("small", {}, `${many ? ` (${name})` : ""} ${ms(Math.max(0, now - Date.parse(g.swapInProgress.since)))} so far`))),
     ...unloading.map((m) => h("span", { class: "swapping" }, "unloading ", modelName(m))),
     ...(busy.length || unloading.length ? [] : [naText("none")]));
-    // The status's lastSwap counts swaps only; an unload since then is newer news.
-    const newest = [...state.swaps.values()].reduce((a, s) => (!a || s.end > a.end ? s : a), null);
+    // The status's lastSwap counts swaps only; an unload since then is newer news (a hidden
+    // reload is not Jano's doing: it has its own figure).
+    const newest = [...state.swaps.values()].filter((s) => !isReload(s))
+      .reduce((a, s) => (!a || s.end > a.end ? s : a), null);
     const last = newest && !(Date.parse(st.lastSwap && st.lastSwap.at) > newest.end) ? newest : st.lastSwap;
     $("last-swap").replaceChildren(...(last ? [`last: ${swapText(last)}, `,
       ms(last.durationMs) ?? "duration not reported", " ",
@@ -324,10 +324,15 @@
     $("swaps-hour").replaceChildren(or(n, String));
     $("swaps-hour").classList.toggle("bad", over);
     $("thrash-limit").textContent = isNum(thr) ? `warning above ${thr} per hour` : "";
+    const reloads = st.hiddenReloadsLastHour, lost = st.hiddenReloadSecondsLastHour;
+    $("hidden-reloads").replaceChildren("hidden reloads, last hour: ", or(reloads, String),
+      isNum(reloads) && reloads > 0 ? ` (${isNum(lost) ? ms(lost * 1000) : "time not reported"})` : "");
+    $("hidden-reloads").classList.toggle("warn", isNum(reloads) && reloads > 0);
     const warn = $("thrash-warning");
     warn.hidden = !over;
     warn.textContent = over ? `Thrashing: ${n} model swaps in the last hour, more than the ${thr} per hour ` +
       "threshold. Each swap stalls every request behind it; look for clients that alternate between models." : "";
+    $("stuck-warning").hidden = st.schedulerStuck !== true;
 
     $("tok-s").replaceChildren(...(isNum(st.recentGenTokS) ? [tokS(st.recentGenTokS), h("small", {}, " tok/s")] : [naText()]));
     $("tok-s-window").textContent = `all models, last ${dur(st.recentWindowSeconds ?? 60)}`;
@@ -336,17 +341,11 @@
     $("oldest-waiting").replaceChildren(isNum(st.oldestWaitingMs) ? ms(st.oldestWaitingMs) : naText("nobody"));
   }
 
-  // "loaded", "loading", "unloading", "unloaded" or "always_on": the status's groups say which
-  // model holds or is taking a slot; v1/models adds unloading, and a model it calls loaded that
-  // holds no slot is always_on.  (Without v1/models an always_on model looks unloaded.)
+  // "loaded", "loading", "unloading" or "unloaded" as the status's modelStatus says, or
+  // "always_on" for the models in its alwaysOn (they hold no slot: nothing to load or unload).
   function modelStates(st) {
-    const groups = Object.values(st.groups || {});
-    const resident = new Set(groups.map((g) => g.resident).filter(Boolean));
-    const loading = new Set(groups.map((g) => g.swapInProgress && g.swapInProgress.to).filter(Boolean));
-    const listed = state.models || {};
-    return (m) => (listed[m] === "loaded" && !resident.has(m) && !loading.has(m) ? "always_on"
-      : listed[m] === "unloading" ? "unloading" : loading.has(m) ? "loading"
-        : resident.has(m) ? "loaded" : "unloaded");
+    const always = new Set(st.alwaysOn || []), status = st.modelStatus || {};
+    return (m) => (always.has(m) ? "always_on" : status[m] || "unknown");
   }
 
   function modelAction(m, what, draining) {
@@ -360,21 +359,25 @@
   }
 
   function renderModels(st) {
-    const names = Object.keys({ ...st.backendHealth, ...st.queueDepthByModel, ...st.inFlightByModel }).sort();
+    const names = Object.keys({ ...st.modelStatus, ...st.backendHealth, ...st.queueDepthByModel, ...st.inFlightByModel }).sort();
     const stateOf = modelStates(st), what = Object.fromEntries(names.map((m) => [m, stateOf(m)]));
     const pick = (o, k) => (o || {})[k];
     const seen = [st.backendHealth, st.queueDepthByModel, st.inFlightByModel, st.recentGenTokSByModel, st.modelsDown,
       what, [...state.acting], st.draining];
     update($("models").tBodies[0], seen, () => names.map((m) => {
       const health = pick(st.backendHealth, m), down = pick(st.modelsDown, m), w = what[m];
-      return h("tr", { "data-model": m, "data-state": w },
+      // stalled: its generation is wedged, so Jano answers its requests 503 until `until`
+      const stalled = health === "stalled", why = down && down.reason;
+      return h("tr", { "data-model": m, "data-state": w, "data-health": health },
         h("th", { scope: "row" }, modelName(m), w === "loaded" ? h("span", { class: "tag" }, "loaded")
           : w === "loading" || w === "unloading" ? h("span", { class: "tag busy" }, w) : ""),
-        h("td", {}, health ? h("span", { class: `health h-${health}` }, health) : na()),
+        h("td", {}, health ? h("span", { class: `health h-${health}`, title: stalled
+          ? why || "stalled: its last requests stalled" : null }, health) : na()),
         h("td", { class: "n" }, or(pick(st.queueDepthByModel, m), String)),
         h("td", { class: "n" }, or(pick(st.inFlightByModel, m), String)),
         h("td", { class: "n", "data-testid": "model-tok-s" }, or(pick(st.recentGenTokSByModel, m), tokS)),
-        h("td", {}, down ? `held down until ${clock(Date.parse(down.until))}${down.reason ? ": " + down.reason : ""}` : ""),
+        h("td", { class: stalled ? "err" : null }, down ? `${stalled ? "refused (503)" : "held down"} until ` +
+          `${clock(Date.parse(down.until))}${why ? ": " + why : ""}` : ""),
         h("td", {}, modelAction(m, w, st.draining)));
     }));
   }
@@ -404,14 +407,15 @@
 
   function renderTimeline(st, t0, t1) {
     const svg = $("swap-timeline");
-    const groups = Object.keys(st.groups || {});
+    const all = [...state.swaps.values()].sort((a, b) => a.start - b.start);
+    // a lane per group, and one for the group of a reload of an always_on model (in no slot)
+    const groups = [...new Set([...Object.keys(st.groups || {}), ...all.map((s) => s.group)])];
     if (!groups.length) groups.push("default");
     const lane = 30, gap = 8, top = 10;
     const W = frame(svg, top + groups.length * (lane + gap) + 14);
     const left = groups.length > 1 ? 84 : 0, right = W - 1;
     const x = (t) => left + ((Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0)) * (right - left);
-    const all = [...state.swaps.values()].sort((a, b) => a.start - b.start);
-    let shown = 0, failed = 0;
+    let shown = 0, failed = 0, reloads = 0;
     groups.forEach((g, gi) => {
       const y = top + gi * (lane + gap), info = (st.groups || {})[g] || {};
       svg.append(h("svg:rect", { x: left, y, width: right - left, height: lane, rx: 3, class: "lane" }));
@@ -426,8 +430,9 @@
         if (w > model.length * 7 + 12) svg.append(h("svg:text", { x: xa + 6, y: y + lane / 2 + 4, class: "seglabel" }, model));
       };
       const mine = all.filter((s) => s.group === g);
-      let cur = mine.length ? mine[0].from : info.resident, since = -Infinity;
-      for (const s of mine) {
+      const moves = mine.filter((s) => !isReload(s));   // a reload leaves the model where it was
+      let cur = moves.length ? moves[0].from : info.resident, since = -Infinity;
+      for (const s of moves) {
         segment(cur, since, s.start);
         cur = s.result === "ok" ? s.to : null;
         since = s.end;
@@ -437,15 +442,24 @@
       segment("resident" in info ? info.resident : cur, since, pendingStart);
       const mark = (s, a, b, result, label) => {
         const xa = x(a), w = Math.max(3, x(b) - xa);
-        svg.append(h("svg:g", { class: `swap r-${result}`, "data-result": result, "data-testid": "swap",
-          "data-kind": s && isUnload(s) ? "unload" : "swap" },
+        const kind = s ? kindOf(s) : "swap";
+        svg.append(h("svg:g", { class: `swap r-${result} k-${kind}`, "data-result": result, "data-testid": "swap",
+          "data-kind": kind },
           h("svg:title", {}, label),
           h("svg:rect", { x: xa, y, width: w, height: lane, rx: 1 }),
           result !== "ok" && result !== "pending" ? [h("svg:circle", { cx: xa + w / 2, cy: y, r: 7, class: "fail-dot" }),
-            h("svg:text", { x: xa + w / 2, y: y + 3.5, "text-anchor": "middle", class: "fail-mark" }, "✕")] : null));
+            h("svg:text", { x: xa + w / 2, y: y + 3.5, "text-anchor": "middle", class: "fail-mark" }, "✕")]
+            : kind === "reload" ? [h("svg:circle", { cx: xa + w / 2, cy: y, r: 7, class: "reload-dot" }),
+              h("svg:text", { x: xa + w / 2, y: y + 3.5, "text-anchor": "middle", class: "reload-mark" }, "↻")] : null));
       };
       for (const s of mine) {
         if (s.end < t0) continue;
+        if (isReload(s)) {
+          reloads++;
+          mark(s, s.start, s.end, s.result, `model ${swapText(s)}, ${ms(s.durationMs) ?? "load time not reported"}, ` +
+            `at ${clock(s.start)} (Jano swapped nothing: the backend loaded it again on its own)`);
+          continue;
+        }
         shown++;
         if (s.result !== "ok") failed++;
         mark(s, s.start, s.end, s.result, `${swapText(s)}: ${s.result}, ` +
@@ -455,19 +469,23 @@
     });
     axis(svg, x, t0, t1, top + groups.length * (lane + gap) - gap + 2, left, right);
     svg.setAttribute("aria-label", `Swap timeline: ${shown} swap${shown === 1 ? "" : "s"} shown` +
-      (failed ? `, ${failed} failed` : "") + ". The list below has the details.");
+      (failed ? `, ${failed} failed` : "") + (reloads ? `, ${reloads} hidden reload${reloads === 1 ? "" : "s"}` : "") +
+      ". The list below has the details.");
     const models = [...state.colors.keys()];
     $("timeline-legend").replaceChildren(...models.map((m) => h("span", {}, modelName(m))),
       h("span", {}, h("span", { class: "swatch swap-key", "aria-hidden": "true" }), "swap (width = its duration)"),
-      h("span", {}, h("span", { class: "swatch fail-key", "aria-hidden": "true" }), "failed swap"));
+      h("span", {}, h("span", { class: "swatch fail-key", "aria-hidden": "true" }), "failed swap"),
+      h("span", {}, h("span", { class: "swatch reload-key", "aria-hidden": "true" }), "reloaded by the backend"));
   }
 
   function renderSwapList(st) {
     const many = Object.keys(st.groups || {}).length > 1;
     const recent = [...state.swaps.values()].sort((a, b) => b.end - a.end).slice(0, 8);
-    update($("swap-list"), [many, recent], () => (recent.length ? recent.map((s) => h("li", { "data-result": s.result, "data-kind": isUnload(s) ? "unload" : "swap" },
+    update($("swap-list"), [many, recent], () => (recent.length ? recent.map((s) => h("li", { "data-result": s.result, "data-kind": kindOf(s) },
       h("time", { datetime: s.at }, clock(s.end)), many ? ` [${s.group}]` : "", ` ${swapText(s)} `,
-      or(ms(s.durationMs), String), " ", h("span", { class: `result r-${s.result}` }, s.result),
+      or(ms(s.durationMs), String), " ", isReload(s) ? h("span", { class: "tag reload", title: "the backend loaded the " +
+        "model again on its own, though Jano swapped nothing: every request behind it waited" }, "hidden reload")
+        : h("span", { class: `result r-${s.result}` }, s.result),
       s.error ? h("span", { class: "err" }, ` ${s.error}`) : "")) : [h("li", { class: "muted" }, "No swaps seen yet.")]));
   }
 
@@ -528,7 +546,8 @@
       h("td", { class: "n" }, or(r.status, String), r.stream ? h("span", { class: "tag", title: "streamed" }, "stream") : ""),
       h("td", { class: "n" }, or(r.queueWaitMs, ms), r.waitedForSwap ? h("span", { class: "tag busy", title: "waited for a model swap" }, "swap") : ""),
       h("td", { class: "n" }, or(r.ttfbMs, ms)),
-      h("td", { class: "n" }, or(r.durationMs, ms)),
+      h("td", { class: "n", title: isNum(r.backendLoadMs) ? `the backend reports ${ms(r.backendLoadMs)} loading the model` : null },
+        or(r.durationMs, ms)),
       h("td", { class: "n", title: r.usageSource ? `usage from ${r.usageSource}` : "the backend reported no usage" },
         or(r.promptTokens, num), isNum(r.cachedTokens) && r.cachedTokens > 0 ? h("small", {}, ` (${num(r.cachedTokens)} cached)`) : "",
         " → ", or(r.completionTokens, num)),
