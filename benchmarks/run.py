@@ -205,6 +205,7 @@ class Jano:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(code) + (os.pathsep + env["PYTHONPATH"]
                                          if env.get("PYTHONPATH") else "")
+        env["XDG_STATE_HOME"] = str(self.dir / "state")  # the usage history, as in production
         self.t0 = time.monotonic()
         self.p = subprocess.Popen(
             [*twistd_argv(), "-n", "--pidfile=", "-l", str(self.dir / "jano.log"), "jano",

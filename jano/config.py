@@ -108,6 +108,14 @@ class TelemetryConfig:
     #: Seconds of backend load time on a request that caused no swap that count
     #: as a hidden reload (Ollama's ``load_duration``).
     reload_threshold: float = 0.5
+    #: The SQLite file usage records are kept in ("" or ":memory:": memory only,
+    #: gone at restart).  A config file that names none gets
+    #: :func:`default_database`.
+    database: str = ""
+    #: Usage records and samples older than this many days are deleted (0: kept).
+    retention_days: float = 90.0
+    #: Usage records beyond this many are deleted, oldest first (0: no cap).
+    max_rows: int = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +317,12 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
 
     tel = _table(doc, "telemetry")
     _check_keys(tel, ("usage_ring", "health_interval", "thrash_swaps_per_hour",
-                      "reload_threshold"), "telemetry")
+                      "reload_threshold", "database", "retention_days", "max_rows"), "telemetry")
+    database = _get(tel, "database", "telemetry", str, None)
+    if database is None:
+        database = str(default_database())
+    elif database not in ("", ":memory:"):
+        database = str(base / database)
     telemetry = TelemetryConfig(
         usage_ring=_get(tel, "usage_ring", "telemetry", int, 1000,
                         lambda v: None if 1 <= v <= 1_000_000 else "expected 1 to 1000000"),
@@ -317,6 +330,11 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
         thrash_swaps_per_hour=_get(tel, "thrash_swaps_per_hour", "telemetry", int, 20,
                                    lambda v: None if v >= 1 else "expected at least 1"),
         reload_threshold=_get(tel, "reload_threshold", "telemetry", float, 0.5, _positive),
+        database=database,
+        retention_days=_get(tel, "retention_days", "telemetry", float, 90.0,
+                            lambda v: None if v >= 0 else "expected 0 (keep) or more days"),
+        max_rows=_get(tel, "max_rows", "telemetry", int, 1_000_000,
+                      lambda v: None if v >= 0 else "expected 0 (no cap) or more"),
     )
 
     raw_models = doc.get("models")
@@ -427,6 +445,19 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         return parse_config(doc, source=str(p))
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
+
+
+def default_database(env: Mapping[str, str] = os.environ) -> Path:
+    """
+    Where usage history lives when the config names no ``telemetry.database``:
+    systemd's ``$STATE_DIRECTORY`` (the unit's ``StateDirectory=jano``, i.e.
+    ``/var/lib/jano``), else ``$XDG_STATE_HOME/jano``, else ``~/.local/state/jano``.
+    """
+    state = env.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0]) / "usage.sqlite3"
+    xdg = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
+    return Path(xdg) / "jano" / "usage.sqlite3"
 
 
 def default_config_paths(env: Mapping[str, str] = os.environ) -> list[Path]:

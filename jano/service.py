@@ -32,6 +32,8 @@ from jano.scheduler import Scheduler
 from jano.swap import ScriptSwapper, check_swap_command, http_probe
 from jano.swap.health import HealthMonitor
 from jano.telemetry import Telemetry
+from jano.telemetry.history import HistorySampler
+from jano.telemetry.store import UsageStore
 from jano.web.app import JanoApp
 from jano.web.limits import CallerLimits
 from jano.web.site import JanoSite, Keys
@@ -70,6 +72,8 @@ class JanoService(MultiService):
         ``treq.testing.RequestTraversalAgent``).
     :param listen: listen on ``config.server.listen`` (``False`` when
         embedded with :func:`make_resource`).
+    :param store_runner: runs the usage store's work (default: its own writer
+        thread; tests with a file database pass ``maybeDeferred``).
     """
 
     log = Logger()
@@ -77,7 +81,7 @@ class JanoService(MultiService):
     def __init__(self, config: Config, reactor: Any = None, *, swapper: Any = None,
                  agent: Optional[IAgent] = None,
                  probe: Optional[Callable[[str], Deferred[int]]] = None,
-                 listen: bool = True) -> None:
+                 listen: bool = True, store_runner: Optional[Any] = None) -> None:
         super().__init__()
         reactor = _reactor(reactor)
         self.reactor = reactor
@@ -124,6 +128,17 @@ class JanoService(MultiService):
                                    stuck_after=_stuck_after(config),
                                    reload_threshold=config.telemetry.reload_threshold)
         self.telemetry.set_callers([k.name for k in config.server.api_keys])
+        tel = config.telemetry
+        # A memory-only store does no disk I/O: it runs in the reactor thread,
+        # and is open at once; a file is opened (in its writer thread) at start.
+        memory = tel.database in ("", ":memory:")
+        self.store = UsageStore(tel.database or ":memory:", reactor,
+                                run_in_thread=maybeDeferred if memory else store_runner,
+                                retention_days=tel.retention_days or None,
+                                max_rows=tel.max_rows or None)
+        self._store_opening: Optional[Deferred[None]] = self.store.start() if memory else None
+        self.telemetry.store = self.store
+        HistorySampler(reactor, self.telemetry.sample, self.store).setServiceParent(self)
         srv = config.server
         self.forwarder = Forwarder(agent, reactor, self.scheduler, self.telemetry,
                                    upstream_timeout=srv.upstream_timeout,
@@ -135,7 +150,7 @@ class JanoService(MultiService):
                                    request_id_header=srv.request_id_header.encode("latin-1")
                                    or None)
         self.app = JanoApp(config.models, self.forwarder, self.telemetry, self._fallback,
-                           lifecycle=self.scheduler, clock=reactor,
+                           lifecycle=self.scheduler, clock=reactor, store=self.store,
                            keys=_keys(config), admin_key=config.server.admin_key,
                            telemetry_key=config.server.telemetry_key, started_at=started_at,
                            usage_ring=config.telemetry.usage_ring,
@@ -255,7 +270,11 @@ class JanoService(MultiService):
     # --- lifecycle ----------------------------------------------------------------------
 
     def startService(self) -> None:
-        """Start listening and probing, then load the ``preload`` models."""
+        """Open the usage store, start listening and probing, then load the ``preload`` models."""
+        if self._store_opening is None:
+            self._store_opening = self.store.start()
+            self._store_opening.addErrback(
+                lambda f: self.log.failure("the usage store could not start; history is off", f))
         super().startService()
         for name in self.config.scheduler.preload:
             self.log.info("preloading {model}", model=name)
@@ -287,6 +306,7 @@ class JanoService(MultiService):
             self.running = False
             for pool in self._pools:
                 stops.append(pool.closeCachedConnections())
+            stops.append(self.store.stop())  # the last records are written, then closed
             return DeferredList(stops, consumeErrors=True)
 
         drained.addErrback(lambda _: None)

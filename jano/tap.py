@@ -65,7 +65,11 @@ class Options(usage.Options):
 
 def demo_service(reactor: Any, listen: str) -> IService:
     """Jano in front of two in-process fake model servers with a simulated swap."""
-    from jano.config import DEFAULT_LISTEN, SchedulerConfig, ServerConfig, SwapConfig
+    import os
+    import tempfile
+
+    from jano.config import (DEFAULT_LISTEN, SchedulerConfig, ServerConfig, SwapConfig,
+                             TelemetryConfig)
     from jano.demo import FakeModelServer, SimulatedSwapper
     from jano.records import ModelSpec
     from jano.service import JanoService
@@ -81,8 +85,11 @@ def demo_service(reactor: Any, listen: str) -> IService:
         servers[name] = fake
         specs.append(ModelSpec(name=name, upstream=f"http://127.0.0.1:{port.getHost().port}",
                                kind="llamacpp", health="/health", max_concurrency=4))
+    # The demo's history lives in a temporary file: it works like the real one, and goes.
+    database = os.path.join(tempfile.mkdtemp(prefix="jano-demo-"), "usage.sqlite3")
     config = Config(models=tuple(specs), server=ServerConfig(listen=listen or DEFAULT_LISTEN),
-                    scheduler=SchedulerConfig(max_wait=30.0), swap=SwapConfig(()), demo=True)
+                    scheduler=SchedulerConfig(max_wait=30.0), swap=SwapConfig(()),
+                    telemetry=TelemetryConfig(database=database), demo=True)
     log.info("demo mode: simulated models {models} on {upstreams}; swaps take ~1.5 s",
              models=", ".join(DEMO_MODELS), upstreams=", ".join(s.upstream for s in specs))
     return JanoService(config, reactor, swapper=SimulatedSwapper(reactor, servers, delay=1.5))

@@ -129,7 +129,9 @@ class ScrapeCollector:
         snapshot: Callable[[], SchedulerSnapshot],
         health: Callable[[], Mapping[str, HealthState]],
         limits: Callable[[], tuple[float, float]] = lambda: (math.inf, math.inf),
+        dropped: Callable[[], int] = lambda: 0,
     ) -> None:
+        self._dropped = dropped
         self._recorder = recorder
         self._clock = clock
         self._version = version
@@ -154,6 +156,9 @@ class ScrapeCollector:
         else:
             yield from self._snapshot_families(snap, now)
         yield from self._series_families()
+        yield CounterMetricFamily(
+            "jano_usage_records_dropped", "Usage records that could not be written to the "
+            "durable store (disk full, file locked, queue over its bound).", value=self._dropped())
         try:
             health = self._health()
         except Exception:

@@ -9,13 +9,21 @@ to the piece that does the work.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.interfaces import IReactorTime
 
 from jano.records import HealthState, ModelSpec, SchedulerSnapshot, SwapEvent, UsageRecord
 from jano.telemetry.export import ScrapeCollector, render, scheduler_stuck
+
+
+class RecordSink(Protocol):
+    """The durable usage store, as telemetry feeds it."""
+
+    dropped: int
+
+    def add(self, record: UsageRecord) -> None: ...
 from jano.telemetry.recorder import Recorder
 from jano.telemetry.views import status_body, usage_body
 
@@ -58,6 +66,8 @@ class Telemetry:
         self._snapshot = snapshot
         self._health = health
         self.max_wait = max_wait
+        #: The durable store each finished record also goes to (``None``: memory only).
+        self.store: Optional[RecordSink] = None
         #: Seconds with waiters and no dispatch after which the scheduler counts as stuck.
         self.stuck_after = stuck_after
         self._registry = CollectorRegistry()
@@ -69,6 +79,7 @@ class Telemetry:
             ScrapeCollector(
                 self._recorder, clock, version=version, snapshot=snapshot, health=health,
                 limits=lambda: (self.max_wait, self.stuck_after),
+                dropped=lambda: self.store.dropped if self.store is not None else 0,
             )
         )
 
@@ -112,6 +123,8 @@ class Telemetry:
         generation (``usage.timed_by == "backend"``).
         """
         self._recorder.request_finished(record)
+        if self.store is not None:
+            self.store.add(record)
 
     def swap_finished(self, event: SwapEvent) -> None:
         """Count one ended swap attempt, whatever its result."""
@@ -141,6 +154,23 @@ class Telemetry:
                            health=health)
         body["schedulerStuck"] = scheduler_stuck(snap, now, self.stuck_after)
         return body
+
+    def sample(self) -> dict[str, Optional[float]]:
+        """
+        The figures a history sample keeps: recent backend-timed tokens/s,
+        queue depth and requests in flight now, and the running totals of
+        requests and swaps (the sampler stores their increase).
+        """
+        now = self._clock.seconds()
+        snap = self._snapshot()
+        rec = self._recorder
+        return {
+            "tok_s": rec.recent_gen_tok_s(now)[0],
+            "queue_depth": float(sum(m.queued for m in snap.models)),
+            "in_flight": float(sum(m.in_flight for m in snap.models)),
+            "requests_total": float(rec.requests_total),
+            "swaps_total": float(rec.swaps_total),
+        }
 
     def usage(self, limit: int) -> list[dict[str, object]]:
         """

@@ -116,7 +116,7 @@ def usage_body(recorder: Recorder, limit: int) -> list[dict[str, object]]:
     """
     if limit <= 0:
         return []
-    return [_usage_entry(r) for r in itertools.islice(reversed(recorder.ring), limit)]
+    return [usage_entry(r) for r in itertools.islice(reversed(recorder.ring), limit)]
 
 
 def _swap_entry(event: SwapEvent) -> dict[str, object]:
@@ -134,7 +134,7 @@ def _swap_entry(event: SwapEvent) -> dict[str, object]:
     }
 
 
-def _usage_entry(record: UsageRecord) -> dict[str, object]:
+def usage_entry(record: UsageRecord) -> dict[str, object]:
     usage = record.usage
     path = record.path.split("?", 1)[0].split("#", 1)[0]
     entry: dict[str, object] = {

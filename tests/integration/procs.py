@@ -121,8 +121,9 @@ def start_jano(tmp: Path, config: str, *, port: Optional[int] = None, args: tupl
     cfg.write_text(config.replace("{port}", str(port)))
     log = tmp / "jano.log"
     argv = [*twistd_argv(), "-n", "--pidfile=", "-l", str(log), "jano", "--config", str(cfg), *args]
+    # The usage history goes under the test's own state directory, never the user's.
     popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=env or source_env(), cwd=tmp)
+                             env=env or source_env(XDG_STATE_HOME=str(tmp / "state")), cwd=tmp)
     proc = Proc(popen, port, log)
     if ready:
         wait_until(lambda: get(proc.url + "/health")[0] == 200, 20, "jano", proc)
