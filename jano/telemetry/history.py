@@ -50,6 +50,7 @@ class HistorySampler(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+            self.take()  # what happened since the last sample is not lost at a restart
 
     def take(self) -> None:
         now = self._sample()

@@ -3,7 +3,9 @@ The dashboard in a real browser (headless Chromium through Selenium) against
 a real Jano process: live numbers appear, nulls never show as 0, swaps land
 on the timeline, the telemetry-token form works, the model table's Load
 and Unload buttons work (asking for the admin key when one is set), a
-stalled model is shown as such, and so is a reload the backend did on its own.
+stalled model is shown as such, and so is a reload the backend did on its own;
+the history charts and the per-caller table come from Jano's usage history,
+across a page reload and a restart of Jano.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ def _screenshot(driver: Any) -> None:
     out = ROOT / "test-artifacts"
     out.mkdir(exist_ok=True)
     driver.save_screenshot(str(out / "dashboard.png"))
+    driver.set_window_size(1280, 1000)
     if os.environ.get("JANO_UPDATE_SCREENSHOT") == "1":
         (ROOT / "docs").mkdir(exist_ok=True)
         shutil.copyfile(out / "dashboard.png", ROOT / "docs" / "dashboard.png")
@@ -222,7 +225,6 @@ def test_dashboard_shows_the_demo_box_live(tmp_path: Path, browser: Any) -> None
         swaps = browser.find_elements("css selector", "#swap-list li[data-result=ok]")
         assert "demo-chat → demo-coder" in swaps[0].get_attribute("textContent")
         assert not browser.find_element("id", "thrash-warning").is_displayed()
-        _screenshot(browser)
 
         # Drawn from what the server says, whatever it says: feed the page a thrashing
         # box with a failed swap and a request whose numbers were never reported.
@@ -533,3 +535,115 @@ def test_dashboard_shows_a_hidden_reload(tmp_path: Path, browser: Any) -> None:
         if jano is not None:
             jano.stop()
         backend.stop()
+
+
+def _bars(driver: Any, chart: str) -> list[float]:
+    """The values of a history chart's bars (a bucket with no sample has none)."""
+    return [float(v) for v in driver.execute_script(
+        "return [...document.querySelectorAll(`#${arguments[0]} rect.bar`)].map(r => r.dataset.value)", chart)]
+
+
+def _callers(driver: Any) -> dict[str, str]:
+    """The per-caller table: caller ("" for no named key) -> requests."""
+    return dict(driver.execute_script(
+        "return [...document.querySelectorAll('#callers tbody tr[data-testid=caller-row]')]"
+        ".map(r => [r.dataset.caller, r.querySelector('[data-testid=caller-requests]').textContent])"))
+
+
+def test_dashboard_shows_the_stored_history(tmp_path: Path, browser: Any) -> None:
+    chat = start_fake_backend(tmp_path, model="chat", extra=("--gen-tok-s", "62"))
+    coder = start_fake_backend(tmp_path, model="coder", extra=("--gen-tok-s", "34"))
+    script = tmp_path / "swap.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    db = tmp_path / "history" / "usage.sqlite3"
+    db.parent.mkdir()
+    keys = "\n".join(['api_key = "k-plain"'] + [f'[[server.api_keys]]\nname = "{n}"\nkey = "k-{n}"'
+                                                 for n in ("laptop", "ci")])
+    config = jano_config([("chat", chat.url), ("coder", coder.url)], swap=[str(script), "{model}"],
+                         extra=f'{keys}\n[telemetry]\ndatabase = "{db}"')
+    port = free_port()
+    jano = start_jano(tmp_path, config, port=port)
+    try:
+        calls = [("laptop", "chat"), ("laptop", "coder"), ("laptop", "chat"), ("ci", "coder"),
+                 ("ci", "coder"), ("plain", "chat")]
+        for caller, model in calls:
+            status, _, body = post_json(jano.url + "/v1/chat/completions",
+                                        {"model": model, "messages": [], "max_tokens": 16},
+                                        headers={"authorization": f"Bearer k-{caller}"})
+            assert status == 200, body
+        wait_until(lambda: len(json.loads(get(jano.url + "/usage?since=0")[2])["data"]) == 6,
+                   10, "the records stored", jano)
+
+        browser.get(jano.url + "/ui")
+        _wait(browser, "first poll", lambda d: _text(d, "#conn").startswith("live"))
+        # Most requests first; the plain api_key is a caller without a name.
+        _wait(browser, "the callers", lambda d: _callers(d) == {"laptop": "3", "ci": "2", "": "1"})
+        assert list(_callers(browser)) == ["laptop", "ci", ""]
+        assert _text(browser, '#callers tr[data-caller=""] th') == "(no named key)"
+        row = [str(c.get_attribute("textContent")) for c in
+               browser.find_elements("css selector", '#callers tr[data-caller="laptop"] td')]
+        assert row[:3] == ["3", "3", "0"] and re.fullmatch(r"\d+ → 48", row[3])
+        assert re.fullmatch(r"[1-9]\d\.\d", row[4]), row  # backend-timed, between 34 and 62
+        assert all(re.fullmatch(r"\d+ ms|\d\.\d\d s", c) for c in row[5:7]), row
+        assert [c.get_attribute("textContent") for c in browser.find_elements(
+            "css selector", "#requests tbody tr td:last-child")] == ["—no named key", "ci", "ci",
+                                                                    "laptop", "laptop", "laptop"]
+
+        # Jano samples every 10 s, by itself: wait for the sample that counts the six requests.
+        def sampled() -> list[dict[str, Any]]:
+            data: list[dict[str, Any]] = json.loads(get(jano.url + "/usage/series")[2])["data"]
+            return data if sum(p["requests"] or 0 for p in data) == 6 else []
+
+        series = wait_until(sampled, 25, "the first history sample", jano)
+        swaps = sum(p["swaps"] or 0 for p in series)
+        assert swaps >= 4
+
+        # Switching to the last day fetches the history again, in hourly buckets.
+        browser.find_element("css selector", '#history-span button[data-span="day"]').click()
+        _wait(browser, "the day's history", lambda d: sum(_bars(d, "hist-req")) == 6)
+        assert _text(browser, "#hist-req-cap") == "Requests finished per hour"
+        assert _text(browser, "#hist-swap-cap") == "Swaps per hour"
+        assert sum(_bars(browser, "hist-swap")) == swaps
+        assert browser.find_element("css selector", '#history-span button[data-span="day"]').get_attribute(
+            "aria-pressed") == "true"
+        browser.find_element("css selector", '#history-span button[data-span="hour"]').click()
+        _wait(browser, "the hour's history", lambda d: _text(d, "#hist-req-cap") == "Requests finished per 5 min"
+              and sum(_bars(d, "hist-req")) == 6)
+        assert sum(_bars(browser, "hist-swap")) == swaps
+        assert browser.find_element("css selector", "#hist-tok path.line").get_attribute("d").startswith("M")
+        legend = _text(browser, "#hist-tok-legend")
+        assert re.match(r"latest sample: \d+(\.\d)? tok/s", legend), legend
+        # per model, from the summary: the fake backends generate at 62 and 34 tok/s
+        assert re.search(r"chat 6\d\.\d tok/s", legend) and re.search(r"coder 3\d\.\d tok/s", legend), legend
+        note = _text(browser, "#history-note")
+        assert re.match(r"\d+ samples? in the last hour, the oldest at ", note), note
+        _screenshot(browser)
+
+        # Jano restarts on the same database: its ring is new, its history is not.
+        jano.stop()
+        jano = start_jano(tmp_path, config, port=port)
+        browser.get(jano.url + "/ui")
+        _wait(browser, "first poll after the restart", lambda d: _text(d, "#conn").startswith("live"))
+        _wait(browser, "the callers again", lambda d: _callers(d) == {"laptop": "3", "ci": "2", "": "1"}
+              and sum(_bars(d, "hist-req")) == 6)
+        assert _rows(browser) == []
+        assert sum(_bars(browser, "hist-swap")) == swaps
+
+        # A null is a gap, never a 0: a sample without tokens/s breaks the line, one without
+        # a request count has no bar.
+        shown = browser.execute_script(
+            "const hs = janoDashboard.state.hist, t = Date.now() + janoDashboard.state.skew;"
+            "hs.series = [40, 30, 20, 10].map((ago, i) => ({t: t - ago * 1000, tokS: i === 2 ? null : 40,"
+            " requests: null, queueDepth: i, inFlight: 1, swaps: 0}));"
+            "janoDashboard.renderHistory();"
+            "return {d: document.querySelector('#hist-tok path.line').getAttribute('d'),"
+            " bars: document.querySelectorAll('#hist-req rect').length,"
+            " empty: document.querySelector('#hist-req text.empty').textContent,"
+            " zero: document.querySelectorAll('#hist-swap rect.bar.zero').length}")
+        assert shown["d"].count("M") == 2 and shown["bars"] == 0 and shown["zero"] >= 1
+        assert shown["empty"] == "nothing reported in these samples"
+    finally:
+        jano.stop()
+        chat.stop()
+        coder.stop()

@@ -1,6 +1,7 @@
 /* Jano dashboard: polls `status` and `usage`, keeps a few minutes of history
-   in this tab (bounded), and draws it; loads and unloads models on request.
-   No dependencies, no build step. */
+   in this tab (bounded), and draws it; draws the last hour or day from the
+   samples Jano keeps itself (`usage/series`, `usage/summary`); loads and
+   unloads models on request.  No dependencies, no build step. */
 "use strict";
 (function () {
   const POLL_MS = 1500;
@@ -14,6 +15,11 @@
   const ADMIN_KEY = "jano.adminKey";      // for load and unload, when it differs from the telemetry token
   const NOTE_MS = 8000;                   // how long the outcome of a load or unload stays shown
   const SVG_NS = "http://www.w3.org/2000/svg";
+  const HISTORY_REFRESH_MS = 30e3;        // the stored history: fetched on load, then this often
+  const SAMPLE_GAP_MS = 25e3;             // samples further apart (Jano was down): a gap in the lines
+  const DAY_MS = 86400e3;
+  const SPANS = { hour: { ms: 3600e3, bucket: 300e3, per: "per 5 min", label: "last hour" },
+    day: { ms: DAY_MS, bucket: 3600e3, per: "per hour", label: "last day" } };
   const OUTCOMES = { completed: "completed", client_disconnected: "client left",
     upstream_error: "backend error", upstream_stalled: "stalled", rejected: "refused by Jano" };
 
@@ -22,7 +28,8 @@
 
   const state = { samples: [], swaps: new Map(), colors: new Map(), skew: 0, status: null,
     usage: null, timer: 0, busy: false, waitingForToken: false, mem: {},
-    acting: new Set(), retry: null, noteTimer: 0 };
+    acting: new Set(), retry: null, noteTimer: 0,
+    hist: { span: "hour", series: [], seriesSpan: null, models: null, callers: null, errors: [], due: 0, busy: false, at: 0 } };
 
   const $ = (id) => document.getElementById(id);
   const isNum = (v) => typeof v === "number" && isFinite(v);
@@ -126,6 +133,7 @@
       const [st, us] = await Promise.all([getJSON("status"), getJSON("usage?limit=20")]);
       show(st, us);
       setConn("live", `live · ${clock(Date.now())}`);
+      if (Date.now() >= state.hist.due) loadHistory();
     } catch (e) {
       if (e.auth) { state.busy = false; askToken(); return; }
       setConn("error", e.name === "AbortError" ? "Jano does not answer; retrying…"
@@ -384,15 +392,15 @@
 
   // Tick marks along the bottom, labelled relative to now.
   function axis(svg, x, t0, t1, y, left, right) {
-    const steps = [5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3];
-    const step = steps.find((s) => (t1 - t0) / s <= Math.max(2, (right - left) / 90)) || 600e3;
+    const steps = [5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3, 900e3, 1800e3, 3600e3, 3 * 3600e3, 6 * 3600e3];
+    const step = steps.find((s) => (t1 - t0) / s <= Math.max(2, (right - left) / 90)) || 6 * 3600e3;
     svg.append(h("svg:line", { x1: left, x2: right, y1: y, y2: y, class: "axis" }));
     for (let k = 0; t1 - k * step >= t0 - 1; k++) {
       const xx = x(t1 - k * step), s = (k * step) / 1000;
       const anchor = k === 0 ? "end" : xx - left < 24 ? "start" : "middle";
       svg.append(h("svg:line", { x1: xx, x2: xx, y1: y, y2: y + 4, class: "axis" }),
         h("svg:text", { x: xx, y: y + 15, class: "tick", "text-anchor": anchor },
-          k === 0 ? "now" : s < 60 ? `−${s} s` : `−${s / 60} min`));
+          k === 0 ? "now" : s < 60 ? `−${s} s` : s % 3600 ? `−${s / 60} min` : `−${s / 3600} h`));
     }
   }
 
@@ -495,47 +503,181 @@
     return [1, 2, 2.5, 5, 10].map((m) => m * p).find((c) => c >= v);
   }
 
-  function renderTokChart(t0, t1) {
-    const svg = $("tok-chart");
-    const H = 160, top = 10, bottom = H - 22, left = 44;
+  // A chart over [t0, t1] of lines (points [t, v]: a null value, or a gap longer than `gap`
+  // ms, lifts the pen) or bars (a series with `width`: each point a bar that wide, from t).
+  // Returns false, saying `empty`, when no point has a value.
+  function plot(svg, t0, t1, series, { H = 160, empty = "nothing reported in this window", gap = Infinity, ints = false } = {}) {
+    const top = 10, bottom = H - 22, left = 44;
     const W = frame(svg, H), right = W - 8;
-    const pts = state.samples.filter((s) => s.t >= t0 - 2 * POLL_MS);
-    const models = [...new Set(pts.flatMap((s) => Object.keys(s.by)))].sort();
-    const series = models.map((m) => [m, pts.map((s) => [s.t, s.by[m]])]);
-    if (!models.length && pts.some((s) => isNum(s.total))) series.push(["all models", pts.map((s) => [s.t, s.total])]);
-    let max = 0;
-    for (const [, ps] of series) for (const [, v] of ps) if (isNum(v)) max = Math.max(max, v);
-    const x = (t) => left + ((Math.max(t, t0) - t0) / (t1 - t0)) * (right - left);
+    const x = (t) => left + ((Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0)) * (right - left);
     axis(svg, x, t0, t1, bottom, left, right);
-    if (!series.length) {
-      svg.append(h("svg:text", { x: (left + right) / 2, y: H / 2, "text-anchor": "middle", class: "empty" },
-        "no generation speed reported in this window"));
-      $("tok-legend").replaceChildren();
-      return;
+    let max = 0, any = false;
+    for (const s of series) for (const [, v] of s.pts) if (isNum(v)) { max = Math.max(max, v); any = true; }
+    if (!any) {
+      svg.append(h("svg:text", { x: (left + right) / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, empty));
+      return false;
     }
-    const ymax = niceCeil(max * 1.1) || 1;
+    const ymax = ints ? Math.max(1, Math.ceil(niceCeil(max * 1.1))) : niceCeil(max * 1.1) || 1;
     const y = (v) => bottom - (v / ymax) * (bottom - top);
     for (const v of [0, ymax / 2, ymax]) {
+      if (ints && !Number.isInteger(v)) continue;
       svg.append(h("svg:line", { x1: left, x2: right, y1: y(v), y2: y(v), class: "grid" }),
-        h("svg:text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "tick" }, num(v, ymax < 10 ? 1 : 0)));
+        h("svg:text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "tick" }, num(v, ints || ymax >= 10 ? 0 : 1)));
     }
-    const legend = [];
-    for (const [m, ps] of series) {
-      let d = "", pen = false, lastPoint = null;
-      for (const [t, v] of ps) {
-        if (!isNum(v)) { pen = false; continue; }
+    for (const s of series) {
+      if (s.width) {   // a 0 is a stub on the axis; no bar at all where nothing was sampled
+        for (const [t, v] of s.pts) {
+          if (!isNum(v)) continue;
+          const xa = x(t), w = Math.max(1, x(t + s.width) - xa - 1), hh = Math.max(v > 0 ? 1 : 1.5, bottom - y(v));
+          svg.append(h("svg:rect", { x: xa, y: bottom - hh, width: w, height: hh, class: v > 0 ? "bar" : "bar zero",
+            style: v > 0 ? `fill:${s.color}` : null, "data-value": v }, h("svg:title", {}, s.title(t, v))));
+        }
+        continue;
+      }
+      let d = "", pen = false, lastPoint = null, prev = -Infinity;
+      for (const [t, v] of s.pts) {
+        if (!isNum(v) || t - prev > gap) pen = false;
+        prev = t;
+        if (!isNum(v)) continue;
         d += `${pen ? "L" : "M"}${x(t).toFixed(1)} ${y(v).toFixed(1)}`;
         pen = true;
         lastPoint = [t, v];
       }
-      const stroke = m === "all models" ? "var(--fg)" : color(m);
-      if (d) svg.append(h("svg:path", { d, class: "line", style: `stroke:${stroke}`, "data-model": m }));
-      if (lastPoint) svg.append(h("svg:circle", { cx: x(lastPoint[0]), cy: y(lastPoint[1]), r: 3, style: `fill:${stroke}` }));
-      const latest = ps.length ? ps[ps.length - 1][1] : null;
-      legend.push(h("span", {}, m === "all models" ? m : modelName(m), " ", isNum(latest) ? `${tokS(latest)} tok/s` : na()));
+      if (d) svg.append(h("svg:path", { d, class: "line", style: `stroke:${s.color}`, "data-model": s.name }));
+      if (lastPoint) svg.append(h("svg:circle", { cx: x(lastPoint[0]), cy: y(lastPoint[1]), r: 3, style: `fill:${s.color}` }));
     }
-    $("tok-legend").replaceChildren(...legend);
+    return true;
   }
+
+  function renderTokChart(t0, t1) {
+    const pts = state.samples.filter((s) => s.t >= t0 - 2 * POLL_MS);
+    const models = [...new Set(pts.flatMap((s) => Object.keys(s.by)))].sort();
+    const series = models.map((m) => ({ name: m, color: color(m), pts: pts.map((s) => [s.t, s.by[m]]) }));
+    if (!models.length && pts.some((s) => isNum(s.total))) {
+      series.push({ name: "all models", color: "var(--fg)", pts: pts.map((s) => [s.t, s.total]) });
+    }
+    const drawn = plot($("tok-chart"), t0, t1, series, { empty: "no generation speed reported in this window" });
+    $("tok-legend").replaceChildren(...(!drawn ? [] : series.map(({ name, pts: ps }) => {
+      const latest = ps.length ? ps[ps.length - 1][1] : null;
+      return h("span", {}, name === "all models" ? name : modelName(name), " ", isNum(latest) ? `${tokS(latest)} tok/s` : na());
+    })));
+  }
+
+  /* -- the stored history: charts of the last hour or day, and the callers --- */
+
+  async function loadHistory() {
+    const hs = state.hist;
+    if (hs.busy) return;
+    hs.busy = true;
+    hs.due = Date.now() + HISTORY_REFRESH_MS;
+    const span = hs.span, now = nowMs(), secs = (t) => (t / 1000).toFixed(3);
+    // Only the samples newer than the ones already here: a day is 8,640 of them.
+    const known = hs.seriesSpan === span ? hs.series : [];
+    const last = known.length ? known[known.length - 1].t : null;
+    const got = await Promise.allSettled([
+      getJSON(`usage/series?since=${secs(last ?? now - SPANS[span].ms)}`),
+      getJSON(`usage/summary?by=model&since=${secs(now - SPANS[span].ms)}`),
+      getJSON(`usage/summary?by=caller&since=${secs(now - DAY_MS)}`)]);
+    hs.busy = false;
+    if (span !== hs.span) { loadHistory(); return; }   // toggled meanwhile
+    const [series, models, callers] = got.map((r) => (r.status === "fulfilled" ? r.value.data || [] : null));
+    hs.errors = got.filter((r) => r.status === "rejected" && !r.reason.auth)
+      .map((r) => (r.reason.name === "AbortError" ? "Jano did not answer in time" : r.reason.message));
+    if (series) {
+      const fresh = series.map((p) => ({ ...p, t: Date.parse(p.at) })).filter((p) => isFinite(p.t) && !(p.t <= last));
+      hs.series = known.concat(fresh).filter((p) => p.t >= now - SPANS[span].ms);
+      hs.seriesSpan = span;
+    }
+    if (models) hs.models = models;
+    if (callers) hs.callers = callers;
+    hs.at = Date.now();
+    renderHistory();
+  }
+
+  // Sums of one field per bucket of `size` ms (on the clock): a bucket with no sample, or only
+  // nulls, has none (a gap), never a 0.
+  function buckets(samples, key, size) {
+    const out = new Map();
+    for (const p of samples) {
+      const b = Math.floor(p.t / size) * size, v = p[key];
+      if (!out.has(b)) out.set(b, null);
+      if (isNum(v)) out.set(b, (out.get(b) ?? 0) + v);
+    }
+    return [...out];
+  }
+
+  function renderHistory() {
+    const hs = state.hist, span = SPANS[hs.span], t1 = nowMs(), t0 = t1 - span.ms;
+    const pts = hs.seriesSpan === hs.span ? hs.series.filter((p) => p.t >= t0) : [];
+    const loading = hs.seriesSpan !== hs.span;
+    const empty = loading ? "loading…" : pts.length ? "nothing reported in these samples"
+      : hs.errors.length ? "history not available" : `no samples in the ${span.label} (Jano takes one every 10 s)`;
+    const opts = { H: 140, empty, gap: SAMPLE_GAP_MS };
+    const line = (name, key, col) => ({ name, color: col, pts: pts.map((p) => [p.t, p[key]]) });
+    const sum = (key) => pts.reduce((a, p) => (isNum(p[key]) ? (a ?? 0) + p[key] : a), null);
+    const latest = (key) => (pts.length ? pts[pts.length - 1][key] : null);
+    const period = (t) => `${clock(Math.max(t, t0))}–${t + span.bucket > t1 ? "now" : clock(t + span.bucket)}`;
+    const figure = (v, what) => (v == null ? na() : `${num(v)} ${what}`);
+
+    $("history-note").replaceChildren(loading ? "loading…" : pts.length
+      ? `${num(pts.length)} sample${pts.length === 1 ? "" : "s"} in the ${span.label}, the oldest at ${clock(pts[0].t)}` +
+        `; refreshed at ${clock(hs.at)}` : `no samples in the ${span.label} yet`,
+    ...hs.errors.map((e) => h("span", { class: "err" }, ` (not available: ${e})`)));
+
+    const tok = latest("tokS");
+    plot($("hist-tok"), t0, t1, [line("all models", "tokS", "var(--fg)")], opts);
+    const byModel = (hs.models || []).filter((r) => r.key != null);
+    $("hist-tok-legend").replaceChildren(h("span", {}, "latest sample: ", isNum(tok) ? `${tokS(tok)} tok/s` : na()),
+      ...(byModel.length ? [h("span", { class: "muted" }, `per model over the ${span.label}, backend-timed:`),
+        ...byModel.map((r) => h("span", { "data-model": r.key }, modelName(r.key), " ",
+          or(r.tokS, (v) => `${tokS(v)} tok/s`, "not reported: the backend timed none of its requests")))] : []));
+
+    $("hist-req-cap").textContent = `Requests finished ${span.per}`;
+    plot($("hist-req"), t0, t1, [{ width: span.bucket, color: "var(--m0)", pts: buckets(pts, "requests", span.bucket),
+      title: (t, v) => `${period(t)}: ${num(v)} request${v === 1 ? "" : "s"} finished` }], { ...opts, ints: true });
+    $("hist-req-legend").replaceChildren(h("span", {}, figure(sum("requests"), "in these samples")));
+
+    const depth = latest("queueDepth"), flying = latest("inFlight");
+    plot($("hist-queue"), t0, t1, [line("queue depth", "queueDepth", "var(--warn)"), line("in flight", "inFlight", "var(--busy)")],
+      { ...opts, ints: true });
+    $("hist-queue-legend").replaceChildren(
+      h("span", {}, h("span", { class: "swatch", style: "background:var(--warn)", "aria-hidden": "true" }), "queued ", or(depth, String)),
+      h("span", {}, h("span", { class: "swatch", style: "background:var(--busy)", "aria-hidden": "true" }), "in flight ", or(flying, String)),
+      h("span", { class: "muted" }, "at the latest sample"));
+
+    $("hist-swap-cap").textContent = `Swaps ${span.per}`;
+    plot($("hist-swap"), t0, t1, [{ width: span.bucket, color: "var(--swap)", pts: buckets(pts, "swaps", span.bucket),
+      title: (t, v) => `${period(t)}: ${num(v)} swap${v === 1 ? "" : "s"}` }], { ...opts, ints: true });
+    $("hist-swap-legend").replaceChildren(h("span", {}, figure(sum("swaps"), "in these samples")),
+      h("span", { class: "muted" }, "attempts, failed ones included; unloads not counted"));
+
+    renderCallers(hs.callers, hs.errors);
+  }
+
+  function renderCallers(rows, errors) {
+    $("callers-note").hidden = Boolean(rows && rows.length);
+    $("callers-note").textContent = rows ? "No requests in the last 24 hours."
+      : errors.length ? `Not available: ${errors.join("; ")}` : "…";
+    update($("callers").tBodies[0], rows || [], () => (rows || []).map((r) => h("tr", { "data-testid": "caller-row", "data-caller": r.key ?? "" },
+      h("th", { scope: "row" }, r.key ?? h("span", { class: "na", title: "requests with the plain api_key, or with no key" }, "(no named key)")),
+      h("td", { class: "n", "data-testid": "caller-requests" }, or(r.requests, num)),
+      h("td", { class: "n" }, or(r.completed, num)),
+      h("td", { class: isNum(r.errors) && r.errors > 0 ? "n err" : "n" }, or(r.errors, num)),
+      h("td", { class: "n" }, or(r.promptTokens, num), " → ", or(r.completionTokens, num)),
+      h("td", { class: "n", title: isNum(r.generationSeconds) ? `over ${num(r.generationSeconds, 1)} s of generation the backend timed` : null },
+        or(r.tokS, tokS, "not reported: the backend timed none of these requests")),
+      h("td", { class: "n" }, or(r.queueWaitP50Ms, ms)),
+      h("td", { class: "n" }, or(r.queueWaitP95Ms, ms)))));
+  }
+
+  $("history-span").addEventListener("click", (ev) => {
+    const b = ev.target.closest("button[data-span]");
+    if (!b || b.dataset.span === state.hist.span) return;
+    state.hist.span = b.dataset.span;
+    for (const x of $("history-span").querySelectorAll("button")) x.setAttribute("aria-pressed", String(x === b));
+    renderHistory();
+    if (!state.waitingForToken) loadHistory();
+  });
 
   function renderRequests(us) {
     const rows = (us && us.data) || [];
@@ -553,7 +695,8 @@
         " → ", or(r.completionTokens, num)),
       h("td", { class: "n", title: isNum(r.promptTokS) ? `prompt: ${num(r.promptTokS)} tok/s` : null },
         or(r.genTokS, tokS), r.genTokSSource === "router" ? h("small", { title: "timed by Jano from the stream, not reported by the backend" }, " est.") : ""),
-      h("td", {}, r.outcome ? h("span", { class: `outcome o-${r.outcome}`, title: r.outcome }, OUTCOMES[r.outcome] || r.outcome) : na()))));
+      h("td", {}, r.outcome ? h("span", { class: `outcome o-${r.outcome}`, title: r.outcome }, OUTCOMES[r.outcome] || r.outcome) : na()),
+      h("td", {}, r.caller ?? na("no named key")))));
   }
 
   function renderTotals(st) {
@@ -568,10 +711,11 @@
   let pendingFrame = 0;
   window.addEventListener("resize", () => {
     cancelAnimationFrame(pendingFrame);
-    pendingFrame = requestAnimationFrame(render);
+    pendingFrame = requestAnimationFrame(() => { render(); renderHistory(); });
   });
   document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
-  // For tests and debugging: feed a /status and /usage document by hand.
-  window.janoDashboard = { show, state };
+  // For tests and debugging: feed a /status and /usage document (or history samples) by hand.
+  window.janoDashboard = { show, state, renderHistory };
+  renderHistory();
   poll();
 })();
