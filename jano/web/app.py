@@ -30,13 +30,12 @@ from jano import __version__
 from jano.errors import Refusal, error_body
 from jano.forward import Exchange, Forwarder
 from jano.interfaces import Lifecycle
-from jano.records import ModelSpec, UsageRecord, iso
+from jano.records import ModelSpec, iso
 from jano.routing import MODEL_HEADER, Routed, route
 from jano.telemetry import Telemetry
 from jano.telemetry.queue import queue_body
 from jano.telemetry.store import UsageStore
-from jano.telemetry.views import usage_entry
-from jano.web import params
+from jano.web import history
 from jano.web import dashboard
 from jano.web.lifecycle import model_status, ollama_ps, request_load, request_unload
 from jano.web.limits import CallerLimits
@@ -70,12 +69,11 @@ def _target(request: Request, path: bytes) -> bytes:
     return uri
 
 
-#: Parameters that make ``/usage`` read the durable store rather than the ring.
-_HISTORY_PARAMS = (b"model", b"outcome", b"caller", b"since", b"until", b"cursor")
-
-
-def _bad(message: str, kind: str = "invalid_request_error") -> dict[str, object]:
-    return {"error": {"message": message, "type": kind, "code": 400}}
+def _answer(request: Request, answer: Any) -> Any:
+    """``(status, body)``, or a Deferred of one, as JSON."""
+    if isinstance(answer, Deferred):
+        return answer.addCallback(lambda a: _json(request, *a))
+    return _json(request, *answer)
 
 
 def _json(request: Request, status: int, obj: object) -> bytes:
@@ -195,8 +193,8 @@ class JanoApp:
         if denied:
             return denied
         args = request.args or {}
-        if self.store is not None and any(name in args for name in _HISTORY_PARAMS):
-            return self._usage_history(request, args)
+        if self.store is not None and any(name in args for name in history.HISTORY_PARAMS):
+            return _answer(request, history.usage_page(self.store, args))
         ring = self.usage_ring
         raw = (request.args or {}).get(b"limit", [b"50"])
         try:
@@ -219,69 +217,17 @@ class JanoApp:
         return _json(request, 200, queue_body(self.forwarder.live_requests(),
                                               self.lifecycle.snapshot(), self.clock.seconds()))
 
-    def _usage_history(self, request: Request, args: Any) -> Any:
-        """``/usage`` with filters or a cursor: from the durable store, a page at a time."""
-        assert self.store is not None
-        try:
-            limit = params.whole(args, "limit", 1, 1000, 50)
-            assert limit is not None
-            query = self.store.query(
-                limit=limit, model=params.one(args, "model"),
-                outcome=params.choice(args, "outcome", params.OUTCOMES),
-                caller=params.one(args, "caller"), since=params.moment(args, "since"),
-                until=params.moment(args, "until"),
-                before_id=params.whole(args, "cursor", 1, 2**62))
-        except params.BadParameter as e:
-            return _json(request, 400, _bad(str(e)))
-
-        def page(found: tuple[list[UsageRecord], Optional[int]]) -> bytes:
-            records, cursor = found
-            return _json(request, 200, {"data": [usage_entry(r) for r in records],
-                                        "limit": limit, "next": cursor})
-
-        return query.addCallbacks(page, lambda f: self._history_failed(request, f))
-
     @app.route("/usage/summary", methods=["GET", "HEAD"])
     def usage_summary(self, request: Request) -> Any:
         denied = self._denied(request, self.telemetry_key)
-        if denied:
-            return denied
-        args = request.args or {}
-        try:
-            by = params.choice(args, "by", params.SUMMARY_BY, "model")
-            since, until = params.moment(args, "since"), params.moment(args, "until")
-            if since is None:  # the last day: a summary over all history is a long scan
-                since = self.clock.seconds() - 86400.0
-        except params.BadParameter as e:
-            return _json(request, 400, _bad(str(e)))
-        if self.store is None:
-            return _json(request, 503, _bad("no usage store", "unavailable_error"))
-        return self.store.summary(by=by, since=since, until=until).addCallbacks(  # type: ignore[arg-type]
-            lambda rows: _json(request, 200, {"by": by, "data": rows}),
-            lambda f: self._history_failed(request, f))
+        return denied or _answer(request, history.usage_summary(self.store, request.args or {},
+                                                                self.clock.seconds()))
 
     @app.route("/usage/series", methods=["GET", "HEAD"])
     def usage_series(self, request: Request) -> Any:
         denied = self._denied(request, self.telemetry_key)
-        if denied:
-            return denied
-        args = request.args or {}
-        try:
-            now = self.clock.seconds()
-            since = params.moment(args, "since")
-            until = params.moment(args, "until")
-        except params.BadParameter as e:
-            return _json(request, 400, _bad(str(e)))
-        if self.store is None:
-            return _json(request, 503, _bad("no usage store", "unavailable_error"))
-        return self.store.series(since if since is not None else now - 3600.0, until).addCallbacks(
-            lambda rows: _json(request, 200, {"data": rows}),
-            lambda f: self._history_failed(request, f))
-
-    def _history_failed(self, request: Request, failure: Any) -> bytes:
-        self.log.failure("reading the usage store failed", failure)
-        return _json(request, 503, _bad("the usage history cannot be read now",
-                                        "unavailable_error"))
+        return denied or _answer(request, history.usage_series(self.store, request.args or {},
+                                                               self.clock.seconds()))
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     def metrics(self, request: Request) -> bytes:
