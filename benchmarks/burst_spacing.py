@@ -27,7 +27,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACINGS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05)

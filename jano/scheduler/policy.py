@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Callable, Optional, Union, cast
+from typing import Callable, Optional, Union
 
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from jano.errors import ModelUnavailable
 from jano.interfaces import Swapper
-from jano.records import SwapEvent, SwapResult, Ticket
+from jano.records import SwapEvent, Ticket
 from jano.scheduler.state import Group, Model, Waiter
 from jano.scheduler.swaps import SwapRunner, swap_error
 

@@ -10,7 +10,6 @@ Only :class:`Ticket` and the constants are public (re-exported by
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 from twisted.internet.defer import Deferred

@@ -31,7 +31,7 @@ from jano.errors import Refusal, error_body
 from jano.forward import Exchange, Forwarder
 from jano.interfaces import Lifecycle
 from jano.records import ModelSpec, iso
-from jano.routing import MODEL_HEADER, Routed, route
+from jano.routing import MODEL_HEADER, route
 from jano.telemetry import Telemetry
 from jano.telemetry.queue import queue_body
 from jano.telemetry.store import UsageStore

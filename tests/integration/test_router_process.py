@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from conftest import require
-from procs import (ROOT, Proc, free_port, get, jano_config, post_json, request, source_env,
+from procs import (ROOT, Proc, free_port, get, jano_config, post_json, source_env,
                    start_fake_backend, start_jano, twistd_argv, wait_until)
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,6 @@ idle unload as ``/status`` and ``/metrics`` show it.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
