@@ -25,6 +25,9 @@ class Admission(Protocol):
 
     def snapshot(self) -> SchedulerSnapshot: ...
 
+    def mark_down(self, model: str, cause: str, seconds: float) -> None:
+        """Refuse ``model`` for ``seconds``: its waiters fail now with ``cause``."""
+
 
 class Lifecycle(Protocol):
     """The scheduler seam of the load and unload endpoints."""

@@ -206,9 +206,7 @@ class Forwarder:
         self.stalled[model] = (until, reason)
         self.log.warn("{model} {reason}; refusing its requests for {cooldown:g}s",
                       model=model, reason=reason, cooldown=self.stall_cooldown)
-        mark_down = getattr(self.admission, "mark_down", None)
-        if mark_down is not None:
-            mark_down(model, reason, self.stall_cooldown)
+        self.admission.mark_down(model, reason, self.stall_cooldown)
 
     def succeeded(self, model: str) -> None:
         if self._streak.pop(model, 0) and model in self.stalled:

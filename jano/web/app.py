@@ -21,7 +21,6 @@ from urllib.parse import unquote_to_bytes
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import NotFound
@@ -121,7 +120,6 @@ class JanoApp:
         (``None``: ``api_key``).
     """
 
-    log = Logger()
     app = Klein()
     app.url_map.merge_slashes = False  # forward "//x" as it came, never redirect it
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Mapping, Optional, Sequence
 
+from jano.config import CallerKey
 from jano.errors import Refusal
 
 __all__ = ["CallerLimits"]
@@ -33,10 +34,9 @@ class CallerLimits:
         self._recent: dict[str, deque[float]] = {}
 
     @classmethod
-    def from_keys(cls, keys: Sequence[object], queued: Callable[[str], int]) -> "CallerLimits":
-        limits = {getattr(k, "name"): (getattr(k, "max_queued"), getattr(k, "requests_per_minute"))
-                  for k in keys}
-        return cls({n: v for n, v in limits.items() if v != (None, None)}, queued)
+    def from_keys(cls, keys: Sequence[CallerKey], queued: Callable[[str], int]) -> "CallerLimits":
+        return cls({k.name: (k.max_queued, k.requests_per_minute) for k in keys
+                    if (k.max_queued, k.requests_per_minute) != (None, None)}, queued)
 
     def check(self, caller: Optional[str], now: float) -> Optional[tuple[Refusal, float]]:
         """``None`` if ``caller`` may go on (its request is counted), else the refusal."""

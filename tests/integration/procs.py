@@ -170,3 +170,21 @@ def jano_config(models: list[tuple[str, str]], *, swap: Optional[list[str]] = No
         if model_extra:
             lines.append(model_extra)
     return "\n".join(lines) + "\n"
+
+
+def stream_until_closed(url: str, body: dict[str, object], headers: dict[str, str]) -> bytes:
+    """POST ``body`` to ``/v1/chat/completions`` on a raw socket; read until Jano closes it."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+    raw = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + data)
+        try:
+            while chunk := sock.recv(65536):
+                raw += chunk
+        except ConnectionResetError:
+            pass  # Jano may abort: the cut is what the caller checks
+    return raw

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import require
 from procs import (ROOT, Proc, free_port, get, jano_config, post_json, source_env,
-                   start_fake_backend, start_jano, twistd_argv, wait_until)
+                   start_fake_backend, start_jano, stream_until_closed, twistd_argv, wait_until)
 
 pytestmark = pytest.mark.integration
 
@@ -136,24 +136,6 @@ def _slow_stream(url: str, model: str) -> socket.socket:
     sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
                  "Content-Type: application/json\r\nX-Fake-Delay-Ms: 250\r\n\r\n".encode() + data)
     return sock
-
-
-def _stream_until_cut(url: str, model: str, headers: dict[str, str]) -> bytes:
-    """A streamed chat completion on a raw socket, read until Jano closes the connection."""
-    host, port = url.split("//")[1].split(":")
-    data = json.dumps({"model": model, "stream": True, "max_tokens": 5, "messages": []}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
-            "Content-Type: application/json\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            + "\r\n").encode()
-    raw = b""
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head + data)
-        try:
-            while chunk := sock.recv(65536):
-                raw += chunk
-        except ConnectionResetError:
-            pass
-    return raw
 
 
 def _fetched(driver: Any) -> list[str]:
@@ -452,8 +434,9 @@ def test_dashboard_shows_a_stalled_model(tmp_path: Path, browser: Any) -> None:
         # Two streams that send one chunk then go quiet: Jano cuts each after 1 s, and the
         # second in a row marks the model stalled.
         for _ in range(2):
-            raw = _stream_until_cut(jano.url, "m", {"X-Fake-Delay-Ms": "30000",
-                                                    "Authorization": "Bearer k3y"})
+            raw = stream_until_closed(
+                jano.url, {"model": "m", "stream": True, "max_tokens": 5, "messages": []},
+                {"X-Fake-Delay-Ms": "30000", "Authorization": "Bearer k3y"})
             assert raw.startswith(b"HTTP/1.1 200") and not raw.endswith(b"0\r\n\r\n")
         status = json.loads(get(jano.url + "/status")[2])
         assert status["backendHealth"]["m"] == "stalled"

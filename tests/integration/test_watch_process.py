@@ -7,32 +7,14 @@ and one made to report a long Ollama ``load_duration`` (a hidden reload).
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
-from procs import get, jano_config, post_json, start_fake_backend, start_jano, wait_until
+from procs import (get, jano_config, post_json, start_fake_backend, start_jano,
+                   stream_until_closed, wait_until)
 
 pytestmark = pytest.mark.integration
-
-
-def _stream_until_closed(url: str, body: dict[str, object], headers: dict[str, str]) -> bytes:
-    """POST a streamed request on a raw socket and read until Jano closes it."""
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            + "\r\n").encode()
-    raw = b""
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head + data)
-        try:
-            while chunk := sock.recv(65536):
-                raw += chunk
-        except ConnectionResetError:
-            pass
-    return raw
 
 
 def test_a_stalling_backend_is_cut_then_marked_stalled_and_failing_fast(tmp_path: Path) -> None:
@@ -42,7 +24,7 @@ def test_a_stalling_backend_is_cut_then_marked_stalled_and_failing_fast(tmp_path
     jano = start_jano(tmp_path, config)
     try:
         for _ in range(2):
-            raw = _stream_until_closed(jano.url, {"model": "m", "stream": True, "max_tokens": 5,
+            raw = stream_until_closed(jano.url, {"model": "m", "stream": True, "max_tokens": 5,
                                                   "messages": []}, {"X-Fake-Delay-Ms": "30000"})
             head, _, body = raw.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200") and b"x-jano-request-id" in head.lower()
