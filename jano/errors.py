@@ -104,12 +104,19 @@ class SwapError(Exception):
 
     :ivar result: what went wrong, as recorded in ``SwapEvent.result``.
     :ivar cause: one human-readable line, shown to clients in the 503 answer.
+    :ivar retry_after: seconds the model stays down (``None``: the
+        scheduler's ``retry_backoff``); a crash loop backs off longer.
+    :ivar phases: seconds per phase run before it failed (see
+        :attr:`jano.records.SwapEvent.phases`).
     """
 
-    def __init__(self, result: SwapFailure, cause: str) -> None:
+    def __init__(self, result: SwapFailure, cause: str, *, retry_after: Optional[float] = None,
+                 phases: tuple[tuple[str, float], ...] = ()) -> None:
         super().__init__(cause)
         self.result: SwapFailure = result
         self.cause: str = cause
+        self.retry_after = retry_after
+        self.phases = phases
 
     def __repr__(self) -> str:
         return f"SwapError({self.result!r}, {self.cause!r})"

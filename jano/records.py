@@ -39,10 +39,30 @@ class ModelSpec:
     #: Seconds idle (nothing queued or in flight) before the model is unloaded;
     #: ``None``: the scheduler's default; 0: never.
     ttl: Optional[float] = None
+    #: The server's argv when Jano runs it itself (a *managed* model); empty:
+    #: the model is loaded by the swap script, or always there.
+    command: tuple[str, ...] = ()
+    #: Extra environment for ``command`` (name, value), on top of Jano's own.
+    env: tuple[tuple[str, str], ...] = ()
+    #: Working directory for ``command`` (``None``: Jano's).
+    cwd: Optional[str] = None
+    #: Seconds between SIGTERM and SIGKILL when the managed server is stopped.
+    stop_timeout: float = 10.0
+    #: The TCP port of a managed server (``{port}`` in ``command``); ``None``
+    #: until Jano allocates it, and for models Jano does not run.
+    port: Optional[int] = None
+    #: MiB the model needs once loaded (``groups.<name>.memory`` budgets);
+    #: ``None``: not stated.
+    memory: Optional[int] = None
 
     @property
     def health_url(self) -> str:
         return self.upstream + self.health
+
+    @property
+    def managed(self) -> bool:
+        """Jano starts and stops this model's server itself."""
+        return bool(self.command)
 
 
 UsageSource = Literal["llamacpp-timings", "openai-usage", "ollama"]
@@ -94,6 +114,9 @@ class SwapEvent:
     kind: Literal["swap", "unload", "reload"] = "swap"
     #: Why an unload ran: ``"idle"`` (its TTL) or ``"requested"``.
     reason: Optional[str] = None
+    #: Seconds per phase, in order: ``stop``/``start``/``ready`` for managed
+    #: models, ``script``/``ready`` for the swap script; empty when unknown.
+    phases: tuple[tuple[str, float], ...] = ()
 
 
 Outcome = Literal[

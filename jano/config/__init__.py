@@ -10,9 +10,12 @@ without a traceback.  :mod:`jano.config.records` holds the records,
 
 from jano.config.parse import (default_config_paths, default_database, find_config, load_config,
                                parse_config)
-from jano.config.records import (DEFAULT_LISTEN, CallerKey, Config, ConfigError, SchedulerConfig,
-                                 ServerConfig, SwapConfig, TelemetryConfig)
+from jano.config.models import MANAGED_UPSTREAM, parse_memory
+from jano.config.records import (DEFAULT_LISTEN, CallerKey, Config, ConfigError, GroupConfig,
+                                 ProcessesConfig, SchedulerConfig, ServerConfig, SwapConfig,
+                                 TelemetryConfig)
 
-__all__ = ["DEFAULT_LISTEN", "CallerKey", "Config", "ConfigError", "SchedulerConfig",
+__all__ = ["DEFAULT_LISTEN", "MANAGED_UPSTREAM", "CallerKey", "Config", "ConfigError",
+           "GroupConfig", "ProcessesConfig", "SchedulerConfig", "parse_memory",
            "ServerConfig", "SwapConfig", "TelemetryConfig", "default_config_paths",
            "default_database", "find_config", "load_config", "parse_config"]

@@ -12,19 +12,18 @@ from typing import Any, Mapping, Optional
 
 from jano.config.checks import (api_keys, check_keys, get, header_name, positive, read_key,
                                 table, upstream_url)
-from jano.config.records import (DEFAULT_LISTEN, Config, ConfigError, SchedulerConfig,
+from jano.config.records import (DEFAULT_LISTEN, Config, ConfigError, GroupConfig, SchedulerConfig,
                                  ServerConfig, SwapConfig, TelemetryConfig)
-from jano.records import DEFAULT_HEALTH, ModelSpec
+from jano.config.models import group_budget_errors, parse_groups, parse_models, parse_processes
 
-_MODEL_KEYS = ("name", "upstream", "kind", "health", "max_concurrency", "group", "always_on",
-               "ttl")
 
 
 def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
                  base: Optional[Path] = None) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
     base = base or Path.cwd()
-    check_keys(doc, ("server", "scheduler", "swap", "telemetry", "models"), "")
+    check_keys(doc, ("server", "scheduler", "swap", "telemetry", "models", "processes", "groups"),
+               "")
 
     srv = table(doc, "server")
     check_keys(srv, ("listen", "upstream_timeout", "max_body_bytes", "idle_write_timeout",
@@ -103,41 +102,12 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
                       lambda v: None if v >= 0 else "expected 0 (no cap) or more"),
     )
 
-    raw_models = doc.get("models")
-    if raw_models is None or raw_models == []:
-        raise ConfigError("models: at least one [[models]] table is required")
-    if not isinstance(raw_models, list) or not all(isinstance(m, dict) for m in raw_models):
-        raise ConfigError("models: expected an array of tables ([[models]])")
-    models: list[ModelSpec] = []
-    seen: set[str] = set()
-    for i, m in enumerate(raw_models):
-        path = f"models[{i}]"
-        check_keys(m, _MODEL_KEYS, path)
-        if "name" not in m:
-            raise ConfigError(f"{path}.name: missing (every model needs a name)")
-        name = get(m, "name", path, str, None,
-                    lambda v: None if v.strip() == v and v else "expected a non-empty name without surrounding spaces")
-        path = f"models[{i}] ({name})"
-        if name in seen:
-            raise ConfigError(f"{path}.name: duplicate model name {name!r}")
-        seen.add(name)
-        if "upstream" not in m:
-            raise ConfigError(f"{path}.upstream: missing (expected the backend's base URL, e.g. http://127.0.0.1:8080)")
-        upstream = get(m, "upstream", path, str, None, upstream_url).rstrip("/")
-        kind = get(m, "kind", path, str, "llamacpp",
-                    lambda v: None if v in DEFAULT_HEALTH else "expected one of llamacpp, ollama, openai")
-        health = get(m, "health", path, str, DEFAULT_HEALTH[kind],
-                      lambda v: None if v.startswith("/") else "expected a path starting with /")
-        models.append(ModelSpec(
-            name=name, upstream=upstream, kind=kind, health=health,
-            max_concurrency=get(m, "max_concurrency", path, int, 4,
-                                 lambda v: None if 1 <= v <= 10_000 else "expected 1 to 10000"),
-            group=get(m, "group", path, str, "default",
-                       lambda v: None if v else "expected a non-empty group name"),
-            always_on=get(m, "always_on", path, bool, False),
-            ttl=get(m, "ttl", path, float, None,
-                     lambda v: None if v >= 0 else "expected 0 (never) or more seconds"),
-        ))
+    models = parse_models(doc.get("models"), base)
+    processes = parse_processes(doc)
+    groups = parse_groups(doc)
+    problem = group_budget_errors(models, groups)
+    if problem:
+        raise ConfigError(problem)
 
     initial: dict[str, str] = {}
     for group, name in initial_raw.items():
@@ -146,6 +116,10 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
             raise ConfigError(f"scheduler.initial_model: {name!r} is not a configured model")
         if group and group != spec.group:
             raise ConfigError(f"scheduler.initial_model.{group}: {name!r} is in group {spec.group!r}")
+        if spec.managed:
+            raise ConfigError(f"scheduler.initial_model: {name!r} is run by Jano (it has a "
+                              "command), so it is never resident before Jano starts it; "
+                              "use scheduler.preload")
         initial[spec.group] = name
 
     preload: list[str] = []
@@ -156,21 +130,25 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
             raise ConfigError(f"scheduler.preload: {name!r} is not a configured model")
         if spec.always_on:
             raise ConfigError(f"scheduler.preload: {name!r} is always_on (always loaded already)")
-        if spec.group in preloaded_groups:
+        if spec.group in preloaded_groups and groups.get(spec.group, GroupConfig()).memory is None:
             raise ConfigError(f"scheduler.preload: {name!r} and {preloaded_groups[spec.group]!r} "
                               f"share group {spec.group!r}, which holds one model at a time")
         preloaded_groups[spec.group] = name
         preload.append(name)
 
     swappable: dict[str, int] = {}
+    scripted: set[str] = set()
     for spec in models:
         if not spec.always_on:
             swappable[spec.group] = swappable.get(spec.group, 0) + 1
-    if not command and any(n > 1 or spec_group not in initial for spec_group, n in swappable.items()):
-        many = [g for g, n in swappable.items() if n > 1 or g not in initial]
+            if not spec.managed:
+                scripted.add(spec.group)
+    needs = [g for g, n in swappable.items() if g in scripted and (n > 1 or g not in initial)]
+    if not command and needs:
         raise ConfigError(
-            f"swap.command: missing, but group {many[0]!r} needs swaps "
-            "(set [swap] command, mark the model always_on, or name it in scheduler.initial_model)")
+            f"swap.command: missing, but group {needs[0]!r} needs swaps "
+            "(set [swap] command, give its models a command for Jano to run, mark the model "
+            "always_on, or name it in scheduler.initial_model)")
 
     scheduler = SchedulerConfig(
         max_wait=get(sch, "max_wait", "scheduler", float, 120.0, positive),
@@ -191,7 +169,7 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
     )
     return Config(models=tuple(models), server=server, scheduler=scheduler,
                   swap=SwapConfig(tuple(command), tuple(unload)), telemetry=telemetry,
-                  source=source)
+                  processes=processes, groups=groups, source=source)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -9,8 +9,8 @@ from typing import Mapping, Optional
 
 from jano.records import ModelSpec
 
-__all__ = ["DEFAULT_LISTEN", "CallerKey", "Config", "ConfigError", "SchedulerConfig",
-           "ServerConfig", "SwapConfig", "TelemetryConfig"]
+__all__ = ["DEFAULT_LISTEN", "CallerKey", "Config", "ConfigError", "GroupConfig",
+           "ProcessesConfig", "SchedulerConfig", "ServerConfig", "SwapConfig", "TelemetryConfig"]
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 
@@ -96,6 +96,28 @@ class SwapConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessesConfig:
+    """``[processes]``: how Jano runs the model servers it manages."""
+
+    #: Ports (inclusive) ``{port}`` is allocated from, in order.
+    port_range: tuple[int, int] = (10100, 10299)
+    #: Bytes of each managed server's output kept in memory (never on disk).
+    log_bytes: int = 256 * 1024
+    #: Seconds a crashed server waits before its first restart; doubled per crash in a row.
+    restart_backoff: float = 2.0
+    #: The ceiling of that wait.
+    restart_backoff_max: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    """``[groups.<name>]``: one GPU's (or host's) budget."""
+
+    #: MiB the group's residents may account for together (``None``: one at a time).
+    memory: Optional[int] = None
+
+
+@dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     usage_ring: int = 1000
     health_interval: float = 5.0
@@ -120,6 +142,8 @@ class Config:
     scheduler: SchedulerConfig = SchedulerConfig()
     swap: SwapConfig = SwapConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    processes: ProcessesConfig = ProcessesConfig()
+    groups: Mapping[str, GroupConfig] = field(default_factory=dict)
     #: Where it was read from (``None``: built in code).
     source: Optional[str] = None
     demo: bool = False

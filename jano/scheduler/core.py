@@ -186,6 +186,25 @@ class Scheduler(Policy):
         self._touch(m)
         self._run()
 
+    def lost(self, model: str, cause: str, seconds: float) -> None:
+        """
+        ``model``'s server went away on its own (a crash): its group no longer
+        holds it, so the next request for it loads it again, after ``seconds``
+        of refusing it as :meth:`mark_down` does.  Requests in flight end as
+        their connections do.
+        """
+        m = self._models.get(model)
+        if m is None:
+            return
+        g = m.group
+        if g is not None and g.resident is m:
+            self._idle(g, None)
+            g.resident = None
+            g.loaded_at = None
+            g.latch = None
+            self._dirty[g] = None
+        self.mark_down(model, cause, seconds)
+
     def snapshot(self) -> SchedulerSnapshot:
         """Everything telemetry shows about queues, slots and swaps, right now."""
         now = self.clock.seconds()

@@ -10,7 +10,7 @@ to decide.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional, Union, cast
+from typing import Callable, Mapping, Optional, Union, cast
 
 from twisted.internet.defer import CancelledError, fail
 from twisted.internet.interfaces import IReactorTime
@@ -39,6 +39,17 @@ def swap_error(failure: Failure) -> tuple[SwapResult, str]:
         else:
             cause = str(exc) or type(exc).__name__
     return result, cause
+
+
+def phases_of(value: object) -> tuple[tuple[str, float], ...]:
+    """The per-phase seconds a swapper reported (its result, or its error's ``phases``)."""
+    if isinstance(value, Failure):
+        value = getattr(value.value, "phases", None)
+    if isinstance(value, Mapping):
+        value = tuple(value.items())
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        return tuple((str(k), float(v)) for k, v in value)
+    return ()
 
 
 class SwapRunner:
@@ -88,7 +99,7 @@ class SwapRunner:
 
         self._actions.append(begin)
 
-    def _swap_ok(self, _: object, g: Group, token: int, previous: Optional[Model],
+    def _swap_ok(self, outcome: object, g: Group, token: int, previous: Optional[Model],
                  target: Model, started: float) -> None:
         if g.swap_token != token or g.swapping_to is not target:
             return
@@ -105,7 +116,7 @@ class SwapRunner:
         self.log.info("group {group}: {target} loaded in {duration:.2f}s",
                       group=g.name, target=target.name, duration=now - started)
         self._report(SwapEvent(g.name, previous.name if previous else None, target.name,
-                               started, now - started, "ok"))
+                               started, now - started, "ok", phases=phases_of(outcome)))
         self._dirty[g] = None
         self._run()
 
@@ -115,23 +126,27 @@ class SwapRunner:
             return
         now = self.clock.seconds()
         result, cause = swap_error(failure)
+        backoff = getattr(failure.value, "retry_after", None)
+        if not isinstance(backoff, (int, float)) or backoff < 0:
+            backoff = self.retry_backoff
         g.swapping_to = None
         g.swap_started_at = None
         g.resident = None
         g.loaded_at = None
         g.latch = None
-        target.down_until = now + self.retry_backoff
+        target.down_until = now + backoff
         target.down_reason = cause
         waiters = target.take_live()
         self.log.warn("group {group}: swap {previous} -> {target} {result} after {duration:.2f}s: "
                       "{cause}; {failed} waiters failed, down for {backoff}s",
                       group=g.name, previous=previous.name if previous else None,
                       target=target.name, result=result, duration=now - started, cause=cause,
-                      failed=len(waiters), backoff=self.retry_backoff)
+                      failed=len(waiters), backoff=backoff)
         self._report(SwapEvent(g.name, previous.name if previous else None, target.name,
-                               started, now - started, result, cause))
+                               started, now - started, result, cause,
+                               phases=phases_of(failure)))
         for w in waiters:
-            self._fail_waiter(w, ModelUnavailable(target.name, cause, self.retry_backoff))
+            self._fail_waiter(w, ModelUnavailable(target.name, cause, backoff))
         self._dirty[g] = None
         self._run()
 

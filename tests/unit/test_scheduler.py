@@ -965,3 +965,62 @@ def test_load_on_request_is_queued_like_a_request_and_fires_when_resident() -> N
 
     with pytest.raises(Busy):
         rig.s.load("E")
+
+
+# --- a managed server that crashed; what the swapper reports -----------------------------------
+
+
+def test_a_lost_resident_is_refused_for_the_backoff_then_loaded_again() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"})
+    first = rig.admit("A")
+    rig.turn()
+    rig.s.release(first.ticket)
+    rig.s.lost("A", "qwen exited with status 139", 4.0)
+    assert rig.group().resident is None
+    refused = rig.admit("A")
+    err = refused.failed_with(ModelUnavailable)
+    assert "status 139" in str(err)
+    rig.at(4.0)
+    waiting = rig.admit("A")
+    rig.turn()
+    assert waiting.waiting
+    call = rig.swapper.last()
+    assert (call.previous, call.target) == (None, "A")  # a fresh start, nothing to stop
+    call.succeed()
+    assert waiting.ticket.model == "A"
+
+
+def test_losing_a_model_that_is_not_resident_only_marks_it_down() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"})
+    rig.s.lost("B", "gone", 2.0)
+    assert rig.group().resident == "A"
+    rig.admit("B").failed_with(ModelUnavailable)
+
+
+def test_phases_reported_by_the_swapper_reach_the_swap_event() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"})
+    r = rig.admit("B")
+    rig.turn()
+    rig.at(3.0)
+    rig.swapper.last().d.callback({"stop": 1.0, "start": 0.5, "ready": 1.5})
+    assert r.ticket.model == "B"
+    assert rig.events[-1].phases == (("stop", 1.0), ("start", 0.5), ("ready", 1.5))
+
+
+def test_a_failed_swap_may_ask_for_a_longer_backoff_and_keeps_its_phases() -> None:
+    from jano.errors import SwapError
+
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"}, retry_backoff=5.0)
+    r = rig.admit("B")
+    rig.turn()
+    rig.swapper.last().fail(SwapError("failed", "crashed again", retry_after=40.0,
+                                      phases=(("stop", 0.2), ("start", 0.1))))
+    err = r.failed_with(ModelUnavailable)
+    assert "crashed again" in str(err)
+    assert rig.events[-1].phases == (("stop", 0.2), ("start", 0.1))
+    rig.at(39.0)
+    rig.admit("B").failed_with(ModelUnavailable)
+    rig.at(40.0)
+    again = rig.admit("B")
+    rig.turn()
+    assert again.waiting and rig.swapper.last().target == "B"
