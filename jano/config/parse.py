@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from jano.config.checks import (api_keys, check_keys, get, header_name, positive, read_key,
-                                table, upstream_url)
+                                table)
 from jano.config.records import (DEFAULT_LISTEN, Config, ConfigError, GroupConfig, SchedulerConfig,
                                  ServerConfig, SwapConfig, TelemetryConfig)
 from jano.config.models import group_budget_errors, parse_groups, parse_models, parse_processes
