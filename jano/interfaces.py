@@ -7,7 +7,7 @@ Each stage depends on these shapes, never on the class behind them, so a test
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
@@ -53,18 +53,21 @@ class UsageSink(Protocol):
 
 class Swapper(Protocol):
     """
-    Moves a group's slot from ``previous`` (``None``: unknown) to ``target``.
+    Moves a group's slot from ``previous`` (``None``: unknown) to ``target``;
+    in a group with a memory budget, ``evict`` lists every model to unload
+    first (``previous`` is the first of them).
 
-    The Deferred fires once the target answers; it fails with an exception that
-    may carry ``result`` (``"failed"``, ``"timeout"``, ``"not_ready"``) and
-    ``cause`` (one line).  Anything else counts as ``"failed"`` with
-    ``str(exc)`` as cause.
+    The Deferred fires once the target answers, with ``None`` or a mapping of
+    phase name to seconds (:attr:`jano.records.SwapEvent.phases`); it fails
+    with an exception that may carry ``result`` (``"failed"``, ``"timeout"``,
+    ``"not_ready"``), ``cause`` (one line), ``retry_after`` and ``phases``.
+    Anything else counts as ``"failed"`` with ``str(exc)`` as cause.
     """
 
-    def swap(self, group: str, previous: Optional[ModelSpec],
-             target: ModelSpec) -> Deferred[None]: ...
+    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec,
+             evict: Sequence[ModelSpec] = ()) -> Deferred[Any]: ...
 
-    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+    def unload(self, group: str, model: ModelSpec) -> Deferred[Any]:
         """Leave ``group``'s slot empty: ``model``, its resident, is unloaded."""
 
 

@@ -206,7 +206,8 @@ class ModelState:
     in_flight: int
     #: Arrival time of the oldest queued request, ``None`` when none waits.
     oldest_queued_at: Optional[float]
-    #: True while this model is its group's resident (always true for always_on).
+    #: True while this model is loaded: its group's resident, or one of the residents
+    #: of a group with a memory budget (always true for always_on).
     resident: bool
     #: Set after a failed swap: requests fail fast until this time.
     down_until: Optional[float] = None
@@ -215,11 +216,21 @@ class ModelState:
     #: Observed mean seconds a request holds its slot (``None``: none finished yet).
     service_mean: Optional[float] = None
     max_concurrency: int = 4
+    #: When this idle resident will be unloaded (its TTL); ``None`` if not idle,
+    #: not resident or no TTL.
+    unload_at: Optional[float] = None
 
 
 @dataclass(frozen=True, slots=True)
 class GroupState:
-    """One swap group: which model holds its slot and whether a swap runs."""
+    """
+    One swap group: which models are loaded and whether a swap (a load) runs.
+
+    A group without a memory budget holds one model: ``resident``, and
+    ``residents`` is that one or empty.  A group with a budget holds any set
+    of models that fits it: ``residents``, and ``resident`` is the most
+    recently loaded of them (so views written for one model still work).
+    """
 
     name: str
     resident: Optional[str]
@@ -229,10 +240,19 @@ class GroupState:
     swap_started_at: Optional[float] = None
     #: The resident being unloaded (``swap_started_at`` says since when).
     unloading: Optional[str] = None
-    #: When the idle resident will be unloaded (its TTL), ``None`` if not idle or no TTL.
+    #: When the idle resident will be unloaded (its TTL), ``None`` if not idle or no TTL;
+    #: with a budget, the first of the residents' (each has its own, see ``ModelState``).
     unload_at: Optional[float] = None
     #: Observed mean seconds of a swap in this group (``None``: none seen yet).
     swap_mean: Optional[float] = None
+    #: Every loaded model, the most recently loaded last.
+    residents: tuple[str, ...] = ()
+    #: MiB the group's models may use together; ``None``: one model at a time.
+    memory_budget: Optional[int] = None
+    #: MiB the residents take (their configured ``memory``); ``None`` without a budget.
+    memory_used: Optional[int] = None
+    #: The residents the running load (``swapping_to``) stops first.
+    evicting: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

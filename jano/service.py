@@ -29,8 +29,13 @@ from jano.forward import Forwarder
 from jano.forward.agent import make_agent, make_pool
 from jano.records import HealthState, ModelSpec, SwapEvent
 from jano.scheduler import Scheduler
-from jano.swap import ScriptSwapper, check_swap_command, http_probe
+from jano.swap import ScriptSwapper, http_probe
 from jano.swap.health import HealthMonitor
+from jano.swap.keeper import ServerKeeper
+from jano.swap.logring import LogRing
+from jano.swap.managed import ManagedSwapper
+from jano.swap.startup import check_commands, with_ports
+from jano.swap.supervisor import Supervisor
 from jano.telemetry import Telemetry
 from jano.telemetry.history import HistorySampler
 from jano.telemetry.store import UsageStore
@@ -51,6 +56,11 @@ def _stuck_after(config: Config) -> float:
     """Longer than any legitimate wait: ``max_wait`` plus a whole swap and readiness wait."""
     sch = config.scheduler
     return sch.max_wait + sch.swap_timeout + sch.ready_timeout
+
+
+def _budgets(config: Config) -> dict[str, int]:
+    """Each group's memory budget, MiB (groups without one hold one model at a time)."""
+    return {name: g.memory for name, g in config.groups.items() if g.memory is not None}
 
 
 def _reactor(reactor: Any) -> Any:
@@ -85,6 +95,7 @@ class JanoService(MultiService):
         super().__init__()
         reactor = _reactor(reactor)
         self.reactor = reactor
+        config = with_ports(config)
         self.config = config
         self._pools: list[HTTPConnectionPool] = []
         if agent is None:
@@ -99,13 +110,10 @@ class JanoService(MultiService):
             probe = http_probe(treq.client.HTTPClient(make_agent(reactor, probe_pool)),
                                timeout=PROBE_TIMEOUT)
         self.probe = probe
+        self.keeper: Optional[ServerKeeper] = None
         if swapper is None:
-            if config.swap.command:
-                check_swap_command(config.swap.command)
-            swapper = ScriptSwapper(reactor, config.swap.command,
-                                    swap_timeout=config.scheduler.swap_timeout,
-                                    ready_timeout=config.scheduler.ready_timeout, probe=probe,
-                                    unload_command=config.swap.unload)
+            check_commands(config)
+            swapper = self._swapper(config)
         self.swapper = swapper
         started_at = reactor.seconds()
         self.scheduler = Scheduler(config.models, swapper, reactor,
@@ -116,11 +124,13 @@ class JanoService(MultiService):
                                    on_swap=self._swap_finished,
                                    collate=config.scheduler.collate,
                                    min_residency=config.scheduler.min_residency,
-                                   ttl=config.scheduler.ttl)
+                                   ttl=config.scheduler.ttl, budgets=_budgets(config))
         self.health = HealthMonitor(reactor, config.models, probe,
                                     interval=config.telemetry.health_interval,
                                     is_resident=self._is_resident)
         self.health.setServiceParent(self)
+        if self.keeper is not None:
+            self.keeper.scheduler = self.scheduler
         self.telemetry = Telemetry(reactor, config.models, version=__version__,
                                    snapshot=self.scheduler.snapshot, health=self._health_states,
                                    usage_ring=config.telemetry.usage_ring,
@@ -128,6 +138,8 @@ class JanoService(MultiService):
                                    stuck_after=_stuck_after(config),
                                    reload_threshold=config.telemetry.reload_threshold)
         self.telemetry.set_callers([k.name for k in config.server.api_keys])
+        if self.keeper is not None:
+            self.telemetry.set_processes(self.keeper.supervisor.statuses)
         tel = config.telemetry
         # A memory-only store does no disk I/O: it runs in the reactor thread,
         # and is open at once; a file is opened (in its writer thread) at start.
@@ -156,6 +168,7 @@ class JanoService(MultiService):
                            usage_ring=config.telemetry.usage_ring,
                            thrash_swaps_per_hour=config.telemetry.thrash_swaps_per_hour)
         self.app.limits = CallerLimits.from_keys(config.server.api_keys, self.forwarder.queued_by)
+        self.app.logs_of = self._log_ring
         self.resource = self.app.resource()
         srv = config.server
         self.site = JanoSite(self.resource, max_body_bytes=srv.max_body_bytes,
@@ -169,6 +182,38 @@ class JanoService(MultiService):
             self.listener.setServiceParent(self)
 
     # --- wiring helpers -------------------------------------------------------------
+
+    def _swapper(self, config: Config) -> Any:
+        """The swap script's runner; with managed models, the managed swapper around it."""
+        sch = config.scheduler
+        script = ScriptSwapper(self.reactor, config.swap.command, swap_timeout=sch.swap_timeout,
+                               ready_timeout=sch.ready_timeout, probe=self.probe,
+                               unload_command=config.swap.unload)
+        if not any(m.managed for m in config.models):
+            return script
+        proc = config.processes
+        if self.keeper is None:
+            supervisor = Supervisor(self.reactor, log_bytes=proc.log_bytes,
+                                    backoff=proc.restart_backoff,
+                                    backoff_max=proc.restart_backoff_max)
+        else:
+            supervisor = self.keeper.supervisor
+            supervisor.backoff, supervisor.backoff_max = proc.restart_backoff, proc.restart_backoff_max
+        managed = ManagedSwapper(self.reactor, supervisor,
+                                 script if config.swap.command else None, self.probe,
+                                 ready_timeout=sch.ready_timeout)
+        if self.keeper is None:
+            self.keeper = ServerKeeper(self.reactor, managed, self._observed)
+        else:
+            self.keeper.swapper = managed
+        return managed
+
+    def _log_ring(self, model: str) -> Optional[LogRing]:
+        return self.keeper.supervisor.ring(model) if self.keeper is not None else None
+
+    def _observed(self, model: str, state: HealthState) -> None:
+        self.health.observed(model, state)
+
 
     def _swap_finished(self, event: SwapEvent) -> None:
         level = self.log.info if event.result == "ok" else self.log.warn
@@ -190,18 +235,18 @@ class JanoService(MultiService):
             states[model] = "stalled"
         return states
 
-    def _residents(self) -> Mapping[str, Optional[str]]:
-        return {g.name: g.resident for g in self.scheduler.snapshot().groups}
+    def _residents(self) -> Mapping[str, tuple[str, ...]]:
+        return {g.name: g.residents for g in self.scheduler.snapshot().groups}
 
     def _is_resident(self, spec: ModelSpec) -> bool:
-        return spec.always_on or self._residents().get(spec.group) == spec.name
+        return spec.always_on or spec.name in self._residents().get(spec.group, ())
 
     def _fallback(self) -> Optional[ModelSpec]:
         """The loaded model for requests that name none: the first group's resident, else the first model."""
         models = self.app.models
         residents = self._residents()
         for spec in models:
-            if not spec.always_on and residents.get(spec.group) == spec.name:
+            if not spec.always_on and spec.name in residents.get(spec.group, ()):
                 return spec
         return models[0] if models else None
 
@@ -213,8 +258,9 @@ class JanoService(MultiService):
             return False
         try:
             new = load_config(path)
-            if new.swap.command and new.swap.command != self.config.swap.command:
-                check_swap_command(new.swap.command)
+            new = with_ports(new, keep={m.name: m.port for m in self.config.models
+                                        if m.managed and m.port is not None})
+            check_commands(new, self.config)
         except (ConfigError, SwapCommandError) as e:
             self.log.error("config reload refused, keeping the running config: {error}", error=e)
             return False
@@ -231,13 +277,14 @@ class JanoService(MultiService):
                                    max_queue=new.scheduler.max_queue,
                                    collate=new.scheduler.collate,
                                    min_residency=new.scheduler.min_residency,
-                                   ttl=new.scheduler.ttl)
-        if isinstance(self.swapper, ScriptSwapper):
-            self.swapper = ScriptSwapper(self.reactor, new.swap.command,
-                                         swap_timeout=new.scheduler.swap_timeout,
-                                         ready_timeout=new.scheduler.ready_timeout,
-                                         probe=self.probe, unload_command=new.swap.unload)
+                                   ttl=new.scheduler.ttl, budgets=_budgets(new))
+        if isinstance(self.swapper, (ScriptSwapper, ManagedSwapper)):
+            self.swapper = self._swapper(new)
             self.scheduler.swapper = self.swapper
+            if self.keeper is not None:
+                self.keeper.scheduler = self.scheduler
+                self.telemetry.set_processes(self.keeper.supervisor.statuses)
+                self.keeper.reload(new.models)
         self.telemetry.set_models(new.models)
         self.health.set_models(new.models)
         self.forwarder.upstream_timeout = new.server.upstream_timeout
@@ -276,6 +323,8 @@ class JanoService(MultiService):
             self._store_opening.addErrback(
                 lambda f: self.log.failure("the usage store could not start; history is off", f))
         super().startService()
+        if self.keeper is not None:
+            self.keeper.start(self.config.models)
         for name in self.config.scheduler.preload:
             self.log.info("preloading {model}", model=name)
             self.scheduler.load(name).addErrback(self._preload_failed, name)
@@ -299,6 +348,9 @@ class JanoService(MultiService):
         def finish(_: object) -> Deferred[Any]:
             if timer is not None and timer.active():
                 timer.cancel()
+            self.app.log_followers.close_all()
+            if self.keeper is not None:
+                stops.append(self.keeper.stop())
             others = [s for s in self if s is not self.listener]
             for s in others:
                 if s.running:

@@ -113,11 +113,11 @@ def makeService(options: Options) -> IService:
 
         try:
             svc = JanoService(config, reactor)
-        except Exception as e:  # bad swap command and the like: one line, no traceback
+        except Exception as e:  # a bad command, no free port: one line, no traceback
             from jano.errors import SwapCommandError
 
-            if isinstance(e, SwapCommandError):
-                raise SystemExit(f"jano: bad configuration: swap.command: {e}") from None
+            if isinstance(e, (SwapCommandError, ConfigError)):
+                raise SystemExit(f"jano: bad configuration: {e}") from None
             raise
         source = config.source
 

@@ -13,9 +13,10 @@ import math
 from collections import deque
 from dataclasses import dataclass, replace
 from http import HTTPStatus
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -28,7 +29,11 @@ from jano.demo.parsing import (INFERENCE, MAX_BODY_TEXT_BYTES, MAX_CHUNK_BYTES, 
                                token_limit)
 from jano.demo.streams import DelayedAnswer, Outcome, PacedStream
 
-__all__ = ["FakeModelServer", "SeenRequest"]
+__all__ = ["CRASH_FLUSH", "FakeModelServer", "SeenRequest"]
+
+#: Seconds between a crashing stream's first content chunk and the crash, so
+#: the chunk is on the wire when the process dies.
+CRASH_FLUSH = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +75,20 @@ class FakeModelServer:
     :param default_fail_after: drop connections after this many chunks.
     :param default_status: answer every inference request with this error status.
     :param start_loaded: start with ``models[0]`` loaded (else unloaded: 503).
+    :param crash_after: once this many inference requests were answered
+        completely (``answered``), every further one crashes the server: a
+        stream after its first content chunk (``CRASH_FLUSH`` seconds later, so
+        the chunk is on the wire), any other answer before it is sent.
+    :param crash: what crashing does.  ``python -m jano.testing`` kills its
+        own process here; in memory it returns (the default does nothing) and
+        the fake then closes the connection as a dead server would.
 
-    ``loading`` (503 ``Loading model`` on every route but ``/fake/*``) and
+    ``loading`` (503 ``Loading model`` on every route but ``/fake/*``, unknown
+    ones included, with llama-server's ``Connection: close``) and
     ``loaded_model`` (``None``: unloaded, 503 ``Model not loaded``) simulate
-    swaps; :class:`SimulatedSwapper` drives them.  The ``default_*`` values are
-    plain attributes a test may change at any time.
+    swaps; :class:`SimulatedSwapper` drives them, :meth:`simulate_load` a load
+    at start-up.  The ``default_*`` values and ``crash_after`` are plain
+    attributes a test may change at any time.
     """
 
     def __init__(self, reactor_or_clock: IReactorTime, *,
@@ -87,7 +101,9 @@ class FakeModelServer:
                  default_chunk_bytes: int = 0,
                  default_fail_after: Optional[int] = None,
                  default_status: Optional[int] = None,
-                 start_loaded: bool = True) -> None:
+                 start_loaded: bool = True,
+                 crash_after: Optional[int] = None,
+                 crash: Callable[[], None] = lambda: None) -> None:
         if isinstance(models, str) or not models or not all(isinstance(m, str) and m
                                                             for m in models):
             raise ValueError("models must be a non-empty sequence of non-empty names")
@@ -107,6 +123,8 @@ class FakeModelServer:
             raise ValueError("default_fail_after must be at least 0")
         if default_status is not None and not 400 <= default_status <= 599:
             raise ValueError("default_status must be between 400 and 599")
+        if crash_after is not None and crash_after < 0:
+            raise ValueError("crash_after must be at least 0")
         self.clock = reactor_or_clock
         self.models: tuple[str, ...] = tuple(models)
         self.flavor: Flavor = flavor
@@ -117,6 +135,8 @@ class FakeModelServer:
         self.default_chunk_bytes = default_chunk_bytes
         self.default_fail_after = default_fail_after
         self.default_status = default_status
+        self.crash_after = crash_after
+        self.crash = crash
         #: True while a (simulated) load runs: everything but /fake/* answers 503.
         self.loading = False
         #: The resident model; ``None`` means unloaded (503 until :meth:`set_loaded`).
@@ -127,6 +147,11 @@ class FakeModelServer:
         self.completed = 0
         self.disconnected = 0
         self.aborted = 0
+        #: Inference requests answered completely (errors too), ever: what
+        #: ``crash_after`` counts; :meth:`reset_stats` leaves it alone.
+        self.answered = 0
+        #: Times the server crashed (``crash`` was called).
+        self.crashes = 0
         self._serial = 0
 
     # -- state and counters ---------------------------------------------------------
@@ -135,6 +160,37 @@ class FakeModelServer:
         """End any loading; ``model`` is now resident (``None``: nothing is, answer 503)."""
         self.loading = False
         self.loaded_model = model
+
+    def simulate_load(self, seconds: float) -> Deferred[None]:
+        """
+        Load ``models[0]`` for ``seconds``: ``loading`` until then, like
+        llama-server, which listens at once and loads its model afterwards.
+
+        :return: fires once loaded (at once for 0).  Cancelling it stops the
+            timer and leaves the server unloaded.
+        """
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            raise ValueError("seconds must be a non-negative number")
+        model = self.models[0]
+        if seconds == 0:
+            self.set_loaded(model)
+            return succeed(None)
+        calls: list[IDelayedCall] = []
+
+        def cancel(_: Deferred[None]) -> None:
+            if calls[0].active():
+                calls[0].cancel()
+            self.set_loaded(None)
+
+        done: Deferred[None] = Deferred(cancel)
+
+        def loaded() -> None:
+            self.set_loaded(model)
+            done.callback(None)
+
+        self.loading = True
+        calls.append(self.clock.callLater(seconds, loaded))
+        return done
 
     @property
     def in_progress(self) -> int:
@@ -147,7 +203,7 @@ class FakeModelServer:
 
         ``completed`` includes error answers; ``disconnected`` counts clients
         that went away before the end; ``aborted`` counts ``X-Fake-Fail-After``
-        drops.
+        drops and crashes.
         """
         return {
             "requests": self.requests,
@@ -165,6 +221,7 @@ class FakeModelServer:
     def _record(self, outcome: Outcome) -> None:
         if outcome == "completed":
             self.completed += 1
+            self.answered += 1
         elif outcome == "disconnected":
             self.disconnected += 1
         else:
@@ -192,7 +249,7 @@ class FakeModelServer:
         self.seen.append(SeenRequest(method.decode("latin-1"), path.decode("latin-1"),
                                      model if isinstance(model, str) else None))
         if route is None:
-            return self._not_found(request)
+            return self._unavailable(request) if self.loading else self._not_found(request)
         if route not in INFERENCE:
             if self.loading or self.loaded_model is None:
                 return self._unavailable(request)
@@ -243,7 +300,11 @@ class FakeModelServer:
             prompt: Any = body.get("messages")
         else:
             prompt = body.get("prompt")
-        if native and (prompt is None or prompt == "" or prompt == []):
+        load_only = native and (prompt is None or prompt == "" or prompt == [])
+        crashing = self.crash_after is not None and self.answered >= self.crash_after
+        if crashing and (not stream or load_only or n == 0):
+            return self._crash_now(request)  # only an in-memory crash returns
+        if load_only:
             # Ollama loads (or, with keep_alive 0, unloads) a model asked to generate nothing.
             reason = "unload" if is_unload(body.get("keep_alive")) else "load"
             payload = formats.ollama_load(model, self.clock.seconds(), chat=route == "ochat",
@@ -265,8 +326,11 @@ class FakeModelServer:
             plan = formats.stream_plan(route, g)
             request.setResponseCode(200)
             self._headers(request, NDJSON if native else EVENT_STREAM, sse=not native)
+            def cut() -> None:  # the first content chunk is out: crash once it has left
+                self.clock.callLater(CRASH_FLUSH, self._crash, request)
+
             PacedStream(request, self.clock, self._record, plan, knobs.delay,
-                        knobs.fail_after).start()
+                        1 if crashing else knobs.fail_after, cut if crashing else None).start()
             return NOT_DONE_YET
 
         payload = formats.whole_body(route, g)
@@ -280,6 +344,17 @@ class FakeModelServer:
         self._headers(request, json_type)
         DelayedAnswer(request, self.clock, self._record, wait, None if fails else payload)
         return NOT_DONE_YET
+
+    def _crash_now(self, request: Request) -> int:
+        """Crash before answering (counted as aborted)."""
+        self._record("aborted")
+        self._crash(request)
+        return NOT_DONE_YET
+
+    def _crash(self, request: Request) -> None:
+        self.crashes += 1
+        self.crash()  # a real process dies here
+        request.loseConnection()
 
     def _knobs(self, request: Request) -> Union[Knobs, str]:
         headers = request.requestHeaders
@@ -316,8 +391,13 @@ class FakeModelServer:
         return self._error(request, 404, "File Not Found")
 
     def _unavailable(self, request: Request) -> bytes:
-        message = "Loading model" if self.loading else "Model not loaded"
-        return self._error(request, 503, message)
+        if not self.loading:
+            return self._error(request, 503, "Model not loaded")
+        if self.flavor == "llamacpp":  # llama-server closes while loading
+            request.setHeader(b"connection", b"close")
+            channel = request.channel  # gone from the request once it finishes
+            request.notifyFinish().addBoth(lambda _: channel.loseConnection())
+        return self._error(request, 503, "Loading model")
 
     def _info(self, request: Request, route: str) -> bytes:
         payload, content_type = formats.listing(route, self.flavor, self.models,

@@ -93,14 +93,20 @@ class PacedStream(Exchange):
     ``callLater(0)`` so the reactor gets to send it; with a delay, one chunk per
     tick.  While paused nothing is written and nothing is scheduled:
     ``resumeProducing`` restarts the ticks.
+
+    :param cut: called instead of closing the connection once ``fail_after``
+        chunks are out (the stream then counts as aborted and writes no more):
+        the server is about to die with the connection still open.
     """
 
     def __init__(self, request: Request, clock: IReactorTime, record: Callable[[Outcome], None],
-                 plan: StreamPlan, delay: float, fail_after: Optional[int]) -> None:
+                 plan: StreamPlan, delay: float, fail_after: Optional[int],
+                 cut: Optional[Callable[[], None]] = None) -> None:
         super().__init__(request, clock, record)
         self._plan = plan
         self._delay = delay
         self._fail_after = fail_after
+        self._cut = cut
         self._i = 0
         self._paused = False
         self._next_at = 0.0
@@ -136,7 +142,11 @@ class PacedStream(Exchange):
             i = self._i
             if self._fail_after is not None and i >= self._fail_after:
                 self._request.unregisterProducer()
-                self._drop()
+                if self._cut is None:
+                    self._drop()
+                else:
+                    self._end("aborted")
+                    self._cut()
                 return
             if i >= plan.n:
                 self._complete()

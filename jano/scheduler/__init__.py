@@ -1,7 +1,8 @@
 """
 Admission and ordering: which queued request may go to its model next.
 
-One GPU holds one model at a time.  Models that share a GPU form a *swap
+One GPU holds one model at a time, unless it has a memory budget (see
+*Groups with a memory budget* below).  Models that share a GPU form a *swap
 group* (:attr:`jano.records.ModelSpec.group`) with one slot; exactly one of
 them is *resident* (or nobody knows which, until the first swap).  Every
 request waits in its model's FIFO queue until :meth:`Scheduler.admit`'s
@@ -36,11 +37,75 @@ The policy, per group:
 A failed swap leaves the slot unknown (the script may already have stopped the
 previous model), fails every waiter of the target with
 :class:`ModelUnavailable`, and marks the target down for ``retry_backoff``
-seconds, during which its admissions fail fast; the group goes on serving the
-other models.  After the backoff the next request retries the swap.
+seconds (or the ``retry_after`` its error carries), during which its
+admissions fail fast; the group goes on serving the other models.  After the
+backoff the next request retries the swap.
 
 ``always_on`` models live outside the groups: always resident, only bounded by
 ``max_concurrency`` and ``max_queue``.
+
+Groups with a memory budget
+---------------------------
+
+A group given a budget (``budgets``: group name to MiB) holds any *set* of
+residents whose :attr:`~jano.records.ModelSpec.memory` fits in it together.
+A group without one behaves exactly as above.  Per budget group:
+
+- **Residents serve at once.**  Every resident gets its waiters up to its
+  ``max_concurrency``, also while another model of the group is being
+  loaded or unloaded.
+- **Load into free memory.**  A waiting model that is not resident is loaded
+  as soon as it fits beside the residents, evicting nothing: no collation
+  window, only the one turn of "decide, then look once more".
+- **Else evict idle residents.**  Only residents with nothing in flight and
+  nothing queued may be evicted, and only the best set that makes room:
+  (1) the fewest models; (2) of those, the set whose most recently used
+  member was used longest ago (then its next most recent member decides,
+  and so on), where a model is *used* when it is loaded, handed a request or
+  given one back; (3) the fewest MiB; (4) load order.  Such a load waits like
+  a swap away from an idle resident: the collation window from when it was
+  first wanted and the ``min_residency`` of each evicted model, never past
+  ``max_wait`` of the loaded model's oldest request.  A request for a
+  resident meanwhile is served, which takes it out of the set.
+- **Else wait.**  If evicting every idle resident is not enough, the model
+  waits until residents become idle.  The next load is for the waiting model
+  with the oldest request *that can be loaded now*, so a younger model that
+  fits goes ahead of an older one waiting for memory (the guard bounds that).
+- **Starvation guard.**  Once the oldest request of a model that is neither
+  resident nor being loaded has waited ``max_wait``, the guard engages (also
+  while a load runs): no resident takes a request younger than that one,
+  except the backlog it had when it was loaded; only that model may be loaded
+  next; and for it, residents whose only waiters are the ones held back may
+  be evicted too (when the idle ones are not enough: fewest such models
+  first, then the order above), as the single resident is after a swap.
+  Their requests then wait for their model to be loaded again.  The guard
+  stays engaged until the next load starts or no such model waits.  So a
+  stream of requests for the residents delays a model that needs their
+  memory by at most ``max_wait``, the service time of their requests
+  already dispatched and the load (plus, as in a one-model group, one visit
+  of each other model that waits longer).
+- **One at a time.**  One load or unload per group at a time.  A load calls
+  ``swapper.swap(group, previous, target, evict=evicted)``: ``evicted`` lists
+  the residents to stop first, least recently used first, and ``previous`` is
+  its first (``None`` when nothing is evicted); a group without a budget is
+  called without ``evict``.  The evicted leave the residents when the load
+  starts, ``target`` joins them when it is ready.
+- **Failures.**  A failed load marks the target down and fails its waiters
+  as a failed swap does; the evicted models are not counted as loaded any
+  more (they may or may not have stopped); the other residents stay.
+- **Unloads.**  Each resident has its own TTL, from when it last became idle
+  with nothing waiting for it; an unload (TTL or :meth:`Scheduler.unload`)
+  and :meth:`Scheduler.lost` take only that model out of the residents.
+- **Reconfiguration.**  A budget smaller than the residents evicts nothing by
+  force: loads wait until enough residents went.  A resident that leaves the
+  group (removed, moved, made always_on) stays counted until its requests in
+  flight end.  A budget given to a one-model group keeps its resident; when
+  a budget is taken away, a sole resident stays the resident, and several
+  are waited for until none has requests in flight, the slot unknown after.
+- A model that states no ``memory`` takes the whole budget; one larger than
+  the budget fails its waiters (configuration checks prevent both).
+- ``Ticket.waited_for_swap`` is true when the request's own model was loaded
+  between its arrival and its dispatch.
 
 Time comes only from the injected clock.  Waiter Deferreds are fired only from
 one loop (:meth:`jano.scheduler.policy.Policy._run`) after the state they
@@ -48,9 +113,12 @@ depend on is complete, so callbacks may re-enter ``admit``/``release``/``cancel`
 freely.
 
 The package reads bottom-up: :mod:`~jano.scheduler.state` holds the records
-(tickets, waiters, models, groups) and the estimates drawn from them;
-:mod:`~jano.scheduler.policy` plans each group and carries the decisions out
-from the loop; :mod:`~jano.scheduler.core` adds the seam and the configuration.
+(tickets, waiters, models, groups) and the estimates and views drawn from
+them; :mod:`~jano.scheduler.swaps` runs swaps and unloads;
+:mod:`~jano.scheduler.budget` plans groups with a memory budget and chooses
+what to evict; :mod:`~jano.scheduler.policy` plans the other groups and
+carries the decisions out from the loop; :mod:`~jano.scheduler.core` adds the
+seam and the configuration.
 """
 
 from __future__ import annotations

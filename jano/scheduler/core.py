@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from jano.errors import Busy, Draining, ModelUnavailable, QueueFull
 from jano.interfaces import Swapper
-from jano.records import GroupState, ModelSpec, SchedulerSnapshot, SwapEvent, Ticket
+from jano.records import ModelSpec, SchedulerSnapshot, SwapEvent, Ticket
 from jano.scheduler.policy import Policy
 from jano.scheduler.state import (
     Group,
@@ -21,6 +21,7 @@ from jano.scheduler.state import (
     Waiter,
     estimate_retry_after,
     ewma,
+    group_state,
     model_state,
 )
 
@@ -29,8 +30,8 @@ __all__ = ["Scheduler"]
 
 class Scheduler(Policy):
     """
-    Per-model FIFO queues, per-group slots, the collation policy and the
-    starvation guard (see :mod:`jano.scheduler`).
+    Per-model FIFO queues, per-group slots (or memory budgets), the collation
+    policy and the starvation guard (see :mod:`jano.scheduler`).
 
     :param models: every configured model.
     :param swapper: runs swaps; a public attribute, replaced on reload.
@@ -46,16 +47,20 @@ class Scheduler(Policy):
     :param min_residency: seconds a model swapped in is not evicted for an idle gap.
     :param ttl: seconds idle before a resident is unloaded, unless its spec says
         otherwise (0: never).
+    :param budgets: group name to its memory budget in MiB; such a group holds
+        any set of models whose ``memory`` fits (the others hold one model).
     """
 
     def __init__(self, models: Sequence[ModelSpec], swapper: Swapper, clock: IReactorTime, *,
                  max_wait: float = 120.0, max_queue: int = 256, retry_backoff: float = 5.0,
                  initial: Optional[Mapping[str, str]] = None,
                  on_swap: Optional[Callable[[SwapEvent], None]] = None,
-                 collate: float = 0.0, min_residency: float = 0.0, ttl: float = 0.0) -> None:
+                 collate: float = 0.0, min_residency: float = 0.0, ttl: float = 0.0,
+                 budgets: Mapping[str, int] = {}) -> None:
         super().__init__(swapper, clock, max_wait=max_wait, retry_backoff=retry_backoff,
                          on_swap=on_swap, collate=collate, min_residency=min_residency, ttl=ttl)
         self.max_queue = max_queue
+        self.budgets: dict[str, int] = dict(budgets)
         #: Removed models that still have requests in flight.
         self._retired: dict[str, Model] = {}
         self._install(models)
@@ -69,7 +74,10 @@ class Scheduler(Policy):
             if m.group.name != group_name and group_name:
                 self.log.warn("initial model {model} is in group {actual}, not {group}",
                               model=model_name, actual=m.group.name, group=group_name)
-            m.group.resident = m
+            if m.group.budget is None:
+                m.group.resident = m
+            elif m not in m.group.residents:
+                m.group.residents.append(m)
         for g in self._groups.values():  # an idle initial resident's TTL runs from now
             self._dirty[g] = None
         self._run()
@@ -116,8 +124,10 @@ class Scheduler(Policy):
                           model=ticket.model)
             return
         m.in_flight -= 1
+        now = self.clock.seconds()
+        m.last_used = now
         if ticket.dispatched_at is not None:
-            m.service_mean = ewma(m.service_mean, self.clock.seconds() - ticket.dispatched_at)
+            m.service_mean = ewma(m.service_mean, now - ticket.dispatched_at)
         if m.removed and m.in_flight == 0:
             self._retired.pop(m.name, None)
         self._touch(m)
@@ -125,9 +135,9 @@ class Scheduler(Policy):
 
     def load(self, model: str) -> Deferred[None]:
         """
-        Make ``model`` its group's resident, as a request for it would: it
-        queues behind what waits, the starvation guard applies, and it
-        never evicts work in flight.
+        Make ``model`` its group's resident (one of them, in a group with a
+        memory budget), as a request for it would: it queues behind what
+        waits, the starvation guard applies, and it never evicts work.
 
         :raises KeyError: when ``model`` is not configured.
         :raises Busy: when ``model`` is ``always_on`` (always loaded).
@@ -143,7 +153,8 @@ class Scheduler(Policy):
 
     def unload(self, model: str) -> bool:
         """
-        Unload ``model`` now, leaving its group's slot empty.
+        Unload ``model`` now, leaving its group's slot empty (in a group with
+        a memory budget, only ``model`` goes; the other residents stay).
 
         :raises KeyError: when ``model`` is not configured.
         :raises Busy: when ``model`` is always_on, has requests in flight or
@@ -159,7 +170,7 @@ class Scheduler(Policy):
             return True
         if g.busy:
             raise Busy(f"group {g.name!r} is swapping; try again when it is done")
-        if g.resident is not m:
+        if not g.holds(m):
             return False
         if m.in_flight or m.live:
             raise Busy(f"model {model!r} has {m.in_flight} requests in flight and {m.live} "
@@ -203,28 +214,31 @@ class Scheduler(Policy):
             g.loaded_at = None
             g.latch = None
             self._dirty[g] = None
+        elif g is not None and m in g.residents:
+            self._idle_model(m, None)
+            g.residents.remove(m)
+            m.loaded_at = None
+            self._dirty[g] = None
         self.mark_down(model, cause, seconds)
 
     def snapshot(self) -> SchedulerSnapshot:
         """Everything telemetry shows about queues, slots and swaps, right now."""
         now = self.clock.seconds()
-        residents = {id(g.resident) for g in self._groups.values() if g.resident is not None}
-        models = [model_state(m, now, residents) for m in self._models.values()]
-        models += [model_state(m, now, residents) for m in self._retired.values()]
-        groups = tuple(
-            GroupState(
-                name=g.name,
-                resident=g.resident.name if g.resident is not None else None,
-                loaded_at=g.loaded_at,
-                swapping_to=g.swapping_to.name if g.swapping_to is not None else None,
-                swap_started_at=g.swap_started_at,
-                unloading=g.unloading.name if g.unloading is not None else None,
-                unload_at=(g.idle_since + self.ttl_of(g.resident)
-                           if g.idle_since is not None and g.resident is not None else None),
-                swap_mean=g.swap_mean,
-            )
-            for g in self._groups.values()
-        )
+        residents: set[int] = set()
+        unload_at: dict[int, float] = {}
+        for g in self._groups.values():
+            r = g.resident
+            if r is not None:
+                residents.add(id(r))
+                if g.idle_since is not None:
+                    unload_at[id(r)] = g.idle_since + self.ttl_of(r)
+            for r in g.residents:
+                residents.add(id(r))
+                if r.idle_since is not None:
+                    unload_at[id(r)] = r.idle_since + self.ttl_of(r)
+        models = [model_state(m, now, residents, unload_at.get(id(m)))
+                  for ms in (self._models, self._retired) for m in ms.values()]
+        groups = tuple(group_state(g, unload_at) for g in self._groups.values())
         return SchedulerSnapshot(at=now, models=tuple(models), groups=groups,
                                  draining=self._draining, last_dispatch_at=self.last_dispatch_at)
 
@@ -261,14 +275,19 @@ class Scheduler(Policy):
 
     def reconfigure(self, models: Sequence[ModelSpec], *, max_wait: float, max_queue: int,
                     collate: Optional[float] = None,
-                    min_residency: Optional[float] = None, ttl: Optional[float] = None) -> None:
+                    min_residency: Optional[float] = None, ttl: Optional[float] = None,
+                    budgets: Optional[Mapping[str, int]] = None) -> None:
         """
         Apply a reloaded configuration.  Queued and in-flight requests of models
         that still exist are kept; waiters of removed models fail with
         :class:`ModelUnavailable`.  A model that leaves its group (removed,
         moved, made always_on) while resident keeps the slot until its
-        in-flight requests end; the slot is unknown after that.
+        in-flight requests end; the slot is unknown after that.  ``budgets``
+        (``None``: unchanged) replaces every group's memory budget; nothing
+        is evicted to fit a smaller one (see :meth:`Policy.set_budget`).
         """
+        if budgets is not None:
+            self.budgets = dict(budgets)
         self.max_wait = max_wait
         self.max_queue = max_queue
         if collate is not None:
@@ -314,14 +333,17 @@ class Scheduler(Policy):
             else:
                 g = self._groups.get(spec.group)
                 if g is None:
-                    g = self._groups[spec.group] = Group(spec.group)
+                    g = self._groups[spec.group] = Group(spec.group, self.budgets.get(spec.group))
                 m.group = g
             ordered[spec.name] = m
         self._models = ordered
         for g in self._groups.values():
             g.members = [m for m in ordered.values() if m.group is g]
+            if g.budget != self.budgets.get(g.name):
+                self.set_budget(g, self.budgets.get(g.name))
         for name in [n for n, g in self._groups.items()
-                     if not g.members and g.resident is None and not g.busy]:
+                     if not g.members and g.resident is None and not g.residents
+                     and not g.busy]:
             g = self._groups.pop(name)
             self._set_timer(g, None)
             self._cancel_swap_call(g)
@@ -329,7 +351,9 @@ class Scheduler(Policy):
 
     def __repr__(self) -> str:
         groups = ", ".join(
-            f"{g.name}={g.resident.name if g.resident else None}"
+            f"{g.name}="
+            + (f"{g.resident.name if g.resident else None}" if g.budget is None
+               else "+".join(r.name for r in g.residents) or "()")
             + (f"->{g.swapping_to.name}" if g.swapping_to else "")
             for g in self._groups.values())
         return f"<Scheduler {groups} queued={sum(m.live for m in self._models.values())}>"

@@ -1,6 +1,7 @@
 """
 The policy at work: after every change, re-plan what it touched (dispatch,
-wait, or start a swap), then carry the decisions out from one loop.
+wait, or start a swap), then carry the decisions out from one loop.  Groups
+with a memory budget are planned by :mod:`jano.scheduler.budget`.
 
 :class:`Policy` holds the scheduler's tables and everything that runs after
 a change; :class:`jano.scheduler.Scheduler` adds the seam (``admit``,
@@ -21,12 +22,14 @@ from twisted.python.failure import Failure
 
 from jano.interfaces import Swapper
 from jano.records import SwapEvent, Ticket
+from jano.scheduler.budget import BudgetPlanner
 from jano.scheduler.state import Group, Model, Waiter
-from jano.scheduler.swaps import SwapRunner, swap_error
+from jano.scheduler.swaps import swap_error
 
 __all__ = ["Policy", "swap_error"]
 
-class Policy(SwapRunner):
+
+class Policy(BudgetPlanner):
     """
     The scheduler's tables, the loop, the per-group planning, the starvation
     guard's timers, the waiters' Deferreds and the swaps.
@@ -80,7 +83,7 @@ class Policy(SwapRunner):
             else:
                 self._dirty[m.group] = None
         for g in self._groups.values():
-            if g.resident is m:
+            if g.resident is m or m in g.residents:
                 self._dirty[g] = None
 
     def _run(self) -> None:
@@ -119,11 +122,18 @@ class Policy(SwapRunner):
 
     def _plan_group(self, g: Group) -> None:
         """Decide what one group does now: dispatch, wait, or start a swap."""
-        if g.busy:
+        if g.budget is not None:
+            self.plan_budget(g)
+            return
+        if g.busy or any(x.in_flight for x in g.residents):
+            # (``residents``: left loaded when the group's budget was removed)
             self._set_timer(g, None)
             self._cancel_swap_call(g)
             self._idle(g, None)
             return
+        for x in g.residents:
+            self._idle_model(x, None)
+        g.residents.clear()
         now = self.clock.seconds()
         r = g.resident
         if r is not None and (r.group is not g or r.removed):
@@ -255,16 +265,23 @@ class Policy(SwapRunner):
             w = m.head()
             assert w is not None
             if (g is not None and g.latch is not None and w.key > g.latch
-                    and w.seq >= g.load_seq):
+                    and w.seq >= (g.load_seq if g.budget is None else m.load_seq)):
                 break  # the starvation guard holds back requests newer than the starving one
             m.queue.popleft()
             m.live -= 1
             t = w.ticket
             t.dispatched_at = now
             wg = w.group
-            t.waited_for_swap = wg is not None and (wg is not m.group
-                                                   or wg.swaps_started != w.swap_mark)
+            if wg is None:
+                t.waited_for_swap = False
+            elif wg is not m.group:
+                t.waited_for_swap = True
+            elif wg.budget is not None:  # its own model was loaded meanwhile
+                t.waited_for_swap = m.loads != w.load_mark
+            else:  # the slot changed hands meanwhile
+                t.waited_for_swap = wg.swaps_started != w.swap_mark
             m.in_flight += 1
+            m.last_used = now
             self.last_dispatch_at = now
             self._owner[t] = m
             w.state = "dispatching"

@@ -10,12 +10,12 @@ Only :class:`Ticket` and the constants are public (re-exported by
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Mapping, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
-from jano.records import ModelSpec, ModelState, Ticket
+from jano.records import GroupState, ModelSpec, ModelState, Ticket
 
 __all__ = [
     "DEFAULT_RETRY_AFTER",
@@ -29,6 +29,8 @@ __all__ = [
     "Waiter",
     "WaiterState",
     "ewma",
+    "group_state",
+    "memory_of",
     "model_state",
     "estimate_retry_after",
 ]
@@ -52,7 +54,8 @@ Key = tuple[float, int]
 class Waiter:
     """One queued request: its Ticket-to-be and the Deferred the caller holds."""
 
-    __slots__ = ("model", "ticket", "seq", "deferred", "state", "group", "swap_mark", "error")
+    __slots__ = ("model", "ticket", "seq", "deferred", "state", "group", "swap_mark", "load_mark",
+                 "error")
 
     def __init__(self, model: Model, ticket: Ticket, seq: int,
                  group: Optional[Group]) -> None:
@@ -64,8 +67,13 @@ class Waiter:
         self.group = group
         #: ``group.swaps_started`` at arrival, minus one if a swap was running then.
         self.swap_mark = 0
+        #: ``model.loads`` at arrival, minus one if the model was being loaded then
+        #: (what ``waited_for_swap`` means in a group with a memory budget).
+        self.load_mark = model.loads
         if group is not None:
             self.swap_mark = group.swaps_started - (1 if group.busy else 0)
+            if group.swapping_to is model:
+                self.load_mark -= 1
         self.error: Optional[Exception] = None
 
     @property
@@ -80,7 +88,8 @@ class Model:
     """The scheduler's mutable record of one model."""
 
     __slots__ = ("on_cancel", "spec", "queue", "live", "in_flight", "group", "down_until",
-                 "down_reason", "removed", "service_mean")
+                 "down_reason", "removed", "service_mean", "loads", "loaded_at", "load_seq",
+                 "last_used", "idle_since", "ttl_call")
 
     def __init__(self, spec: ModelSpec, on_cancel: Callable[[Waiter], None]) -> None:
         #: Called when the caller cancels a waiter's Deferred (the scheduler's bookkeeping).
@@ -98,6 +107,16 @@ class Model:
         #: No longer configured; kept only while requests are in flight.
         self.removed = False
         self.service_mean: Optional[float] = None
+        #: Loads of this model started (the ``waited_for_swap`` mark of a budget group).
+        self.loads = 0
+        # As a resident of a group with a memory budget, where each resident has
+        # what a one-model group keeps on the group (``Group.loaded_at``, ...):
+        self.loaded_at: Optional[float] = None
+        self.load_seq = 0
+        #: When it was last loaded, handed a request or given one back (the LRU order).
+        self.last_used: Optional[float] = None
+        self.idle_since: Optional[float] = None
+        self.ttl_call: Optional[IDelayedCall] = None
 
     @property
     def name(self) -> str:
@@ -131,10 +150,18 @@ class Group:
     __slots__ = ("name", "members", "resident", "loaded_at", "load_seq", "swapping_to",
                  "swap_started_at", "swap_token", "swaps_started", "latch", "timer",
                  "swap_mean", "swap_call", "swap_ready", "want_since", "unloading",
-                 "idle_since", "ttl_call")
+                 "idle_since", "ttl_call", "budget", "residents", "evicting")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, budget: Optional[int] = None) -> None:
         self.name = name
+        #: MiB the group's models may use together (``None``: one model at a time).
+        self.budget = budget
+        #: With a budget: the loaded models, in load order (``resident`` stays
+        #: ``None``).  Without one: models left loaded when a budget was removed,
+        #: waited for until idle, then forgotten.
+        self.residents: list[Model] = []
+        #: With a budget: the residents the running load stops first.
+        self.evicting: tuple[Model, ...] = ()
         #: Swappable, configured models of this group, in configuration order.
         self.members: list[Model] = []
         #: May name a model that left the group (removed, moved, made always_on)
@@ -169,6 +196,12 @@ class Group:
         """A swap or an unload runs."""
         return self.swapping_to is not None or self.unloading is not None
 
+    def holds(self, m: Model) -> bool:
+        """``m`` is loaded in this group (one of the residents, with a budget)."""
+        if self.budget is not None:
+            return m in self.residents
+        return self.resident is m
+
 
 # --- estimates and views -----------------------------------------------------------------
 
@@ -189,13 +222,23 @@ def estimate_retry_after(m: Model) -> float:
         return DEFAULT_RETRY_AFTER
     estimate = m.live * m.service_mean / max(1, m.spec.max_concurrency)
     g = m.group
-    if g is not None and g.resident is not m:
+    if g is not None and not g.holds(m):
         estimate += g.swap_mean if g.swap_mean is not None else DEFAULT_RETRY_AFTER
     return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, estimate))
 
 
-def model_state(m: Model, now: float, residents: set[int]) -> ModelState:
-    """What telemetry shows of ``m``; ``residents`` holds the ``id`` of every group's resident."""
+def memory_of(m: Model, budget: int) -> int:
+    """MiB ``m`` takes in a group with ``budget``; one that states none needs all of it."""
+    memory = m.spec.memory
+    return budget if memory is None else memory
+
+
+def model_state(m: Model, now: float, residents: set[int],
+                unload_at: Optional[float] = None) -> ModelState:
+    """
+    What telemetry shows of ``m``; ``residents`` holds the ``id`` of every
+    loaded model of every group; ``unload_at``: when its TTL unloads it.
+    """
     down = m.down_until is not None and now < m.down_until
     head = m.head()
     spec = m.spec
@@ -211,4 +254,35 @@ def model_state(m: Model, now: float, residents: set[int]) -> ModelState:
         down_reason=m.down_reason if down else None,
         service_mean=m.service_mean,
         max_concurrency=spec.max_concurrency,
+        unload_at=unload_at,
+    )
+
+
+def group_state(g: Group, unload_at: Mapping[int, float]) -> GroupState:
+    """What telemetry shows of ``g``; ``unload_at``: each idle resident's (by ``id``) TTL."""
+    if g.budget is None:
+        resident = g.resident
+        loaded_at = g.loaded_at
+        residents = [r for r in g.residents if r is not resident]
+        residents += [resident] if resident is not None else []
+        used = None
+    else:
+        resident = g.residents[-1] if g.residents else None
+        loaded_at = resident.loaded_at if resident is not None else None
+        residents = g.residents
+        used = sum(memory_of(r, g.budget) for r in residents)
+    dues = [unload_at[id(r)] for r in residents if id(r) in unload_at]
+    return GroupState(
+        name=g.name,
+        resident=resident.name if resident is not None else None,
+        loaded_at=loaded_at,
+        swapping_to=g.swapping_to.name if g.swapping_to is not None else None,
+        swap_started_at=g.swap_started_at,
+        unloading=g.unloading.name if g.unloading is not None else None,
+        unload_at=min(dues) if dues else None,
+        swap_mean=g.swap_mean,
+        residents=tuple(r.name for r in residents),
+        memory_budget=g.budget,
+        memory_used=used,
+        evicting=tuple(e.name for e in g.evicting),
     )

@@ -10,7 +10,7 @@ to decide.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Mapping, Optional, Union, cast
+from typing import Callable, Mapping, Optional, Sequence, Union, cast
 
 from twisted.internet.defer import CancelledError, fail
 from twisted.internet.interfaces import IReactorTime
@@ -76,21 +76,47 @@ class SwapRunner:
     def _fail_waiter(self, w: Waiter, error: Exception) -> None:
         raise NotImplementedError
 
-    def _start_swap(self, g: Group, previous: Optional[Model], target: Model, now: float) -> None:
+    def _idle_model(self, m: Model, now: Optional[float]) -> None:
+        raise NotImplementedError
+
+    def _start_swap(self, g: Group, previous: Optional[Model], target: Model, now: float,
+                    evict: Sequence[Model] = ()) -> None:
+        """
+        Start moving ``g``'s slot from ``previous`` to ``target``; with a
+        budget, load ``target`` after stopping ``evict`` (``previous`` is
+        its first, or ``None``), which leave the residents now.
+        """
         g.want_since = None
         g.swapping_to = target
         g.swap_started_at = now
         g.swaps_started += 1
         g.swap_token += 1
         g.latch = None
+        target.loads += 1
         token = g.swap_token
-        self.log.info("group {group}: swapping {previous} -> {target} ({queued} waiting)",
-                      group=g.name, previous=previous.name if previous else None,
-                      target=target.name, queued=target.live)
+        budget = g.budget is not None
+        if budget:
+            g.evicting = tuple(evict)
+            for e in evict:
+                g.residents.remove(e)
+                self._idle_model(e, None)
+            self.log.info("group {group}: loading {target} ({queued} waiting), evicting {evict}",
+                          group=g.name, target=target.name, queued=target.live,
+                          evict=", ".join(e.name for e in evict) or "nothing")
+        else:
+            self.log.info("group {group}: swapping {previous} -> {target} ({queued} waiting)",
+                          group=g.name, previous=previous.name if previous else None,
+                          target=target.name, queued=target.live)
+        evict_specs = tuple(e.spec for e in evict)
 
         def begin() -> None:
             try:
-                d = self.swapper.swap(g.name, previous.spec if previous else None, target.spec)
+                if budget:
+                    d = self.swapper.swap(g.name, previous.spec if previous else None,
+                                          target.spec, evict=evict_specs)
+                else:
+                    d = self.swapper.swap(g.name, previous.spec if previous else None,
+                                          target.spec)
             except Exception:
                 d = fail()
             d.addCallbacks(self._swap_ok, self._swap_failed,
@@ -106,9 +132,17 @@ class SwapRunner:
         now = self.clock.seconds()
         g.swapping_to = None
         g.swap_started_at = None
-        g.resident = target
-        g.loaded_at = now
-        g.load_seq = self._seq + 1
+        g.evicting = ()
+        if g.budget is not None:
+            if target not in g.residents:
+                g.residents.append(target)
+            target.loaded_at = now
+            target.load_seq = self._seq + 1
+            target.last_used = now
+        else:
+            g.resident = target
+            g.loaded_at = now
+            g.load_seq = self._seq + 1
         target.down_until = None
         target.down_reason = None
         g.latch = None
@@ -131,8 +165,12 @@ class SwapRunner:
             backoff = self.retry_backoff
         g.swapping_to = None
         g.swap_started_at = None
-        g.resident = None
-        g.loaded_at = None
+        evicted, g.evicting = g.evicting, ()
+        for e in evicted:  # stopped or not, nobody knows: not counted as loaded
+            e.loaded_at = None
+        if g.budget is None:
+            g.resident = None  # the script may have stopped the previous model
+            g.loaded_at = None
         g.latch = None
         target.down_until = now + backoff
         target.down_reason = cause
@@ -164,9 +202,15 @@ class SwapRunner:
         self._actions.append(report)
 
     def start_unload(self, g: Group, r: Model, reason: str) -> None:
-        """Unload ``g``'s idle resident ``r``; the slot is empty afterwards."""
+        """
+        Unload ``g``'s idle resident ``r``; the slot is empty afterwards (with
+        a budget, ``r`` leaves the residents now and the others stay).
+        """
         now = self.clock.seconds()
         self._idle(g, None)
+        if g.budget is not None:
+            g.residents.remove(r)
+            self._idle_model(r, None)
         self._cancel_swap_call(g)
         g.want_since = None
         g.unloading = r
@@ -193,9 +237,14 @@ class SwapRunner:
         now = self.clock.seconds()
         g.unloading = None
         g.swap_started_at = None
-        g.resident = None  # empty after an unload, unknown after a failed one: no model either way
-        g.loaded_at = None
-        g.latch = None
+        r.loaded_at = None
+        if r in g.residents:
+            g.residents.remove(r)
+        if g.budget is None:
+            # empty after an unload, unknown after a failed one: no model either way
+            g.resident = None
+            g.loaded_at = None
+            g.latch = None
         if isinstance(outcome, Failure):
             result, cause = swap_error(outcome)
             self.log.warn("group {group}: unloading {model} {result} after {duration:.2f}s: "

@@ -36,7 +36,8 @@ def substitute(command: Sequence[str], model: str, previous: str) -> list[str]:
     return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
 
 
-def check_swap_command(command: Sequence[str], *, cwd: Optional[str] = None) -> None:
+def check_swap_command(command: Sequence[str], *, cwd: Optional[str] = None,
+                       what: str = "swap.command") -> None:
     """
     Fail at start-up, not at the first swap, when the swap command cannot run.
 
@@ -51,18 +52,18 @@ def check_swap_command(command: Sequence[str], *, cwd: Optional[str] = None) -> 
                                "e.g. [\"etc/swap-model.sh\", \"{model}\", \"{previous}\"]")
     argv0 = substitute(command[:1], "x", "x")[0]
     if not argv0:
-        raise SwapCommandError("swap.command: the program name (first element) is empty")
+        raise SwapCommandError(f"{what}: the program name (first element) is empty")
     if "/" in argv0:
         path = os.path.join(cwd if cwd is not None else os.getcwd(), argv0)
         if not os.path.exists(path):
-            raise SwapCommandError(f"swap.command: {argv0!r} not found (looked at {path})")
+            raise SwapCommandError(f"{what}: {argv0!r} not found (looked at {path})")
         if os.path.isdir(path):
-            raise SwapCommandError(f"swap.command: {argv0!r} is a directory ({path})")
+            raise SwapCommandError(f"{what}: {argv0!r} is a directory ({path})")
         if not os.access(path, os.X_OK):
-            raise SwapCommandError(f"swap.command: {argv0!r} is not executable "
+            raise SwapCommandError(f"{what}: {argv0!r} is not executable "
                                    f"(try: chmod +x {path})")
     elif shutil.which(argv0) is None:
-        raise SwapCommandError(f"swap.command: {argv0!r} not found on PATH "
+        raise SwapCommandError(f"{what}: {argv0!r} not found on PATH "
                                "(give a path containing '/' or install it)")
 
 

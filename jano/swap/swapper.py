@@ -31,6 +31,7 @@ from jano.errors import SwapError
 from jano.records import ModelSpec
 from jano.swap.command import session_argv, substitute
 from jano.swap.process import SwapScriptProtocol
+from jano.swap.ready import Readiness, secs
 
 __all__ = ["SwapReactor", "ScriptSwapper"]
 
@@ -56,30 +57,14 @@ class SwapReactor(TypingProtocol):
         """The current time, in seconds."""
 
 
-def _secs(value: float) -> str:
-    """``300.0`` -> ``"300s"``, ``0.5`` -> ``"0.5s"``."""
-    return f"{value:g}s"
-
-
-def _describe(failure: Failure) -> str:
-    """A short phrase for a probe failure, for the ``not_ready`` message."""
-    value = failure.value
-    reasons = getattr(value, "reasons", None)  # ResponseNeverReceived and friends
-    if reasons and isinstance(reasons[0], Failure):
-        return _describe(reasons[0])
-    message = failure.getErrorMessage().strip()
-    name = type(value).__name__
-    text = f"{name}: {message}" if message and message != name else name
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 class _Attempt:
     """One swap: the script phase, then the readiness phase; one result."""
 
     log = Logger()
 
     def __init__(self, swapper: ScriptSwapper, group: str, previous: Optional[ModelSpec],
-                 target: ModelSpec, *, unload: bool = False) -> None:
+                 target: ModelSpec, *, unload: bool = False,
+                 evict: Sequence[ModelSpec] = ()) -> None:
         self._s = swapper
         self._reactor = swapper._reactor
         self.group = group
@@ -87,7 +72,9 @@ class _Attempt:
         #: For an unload, the model being unloaded.
         self.target = target
         self.unloading = unload
-        self.result: Deferred[None] = Deferred(self._cancel)
+        self.evict = tuple(evict)
+        self.result: Deferred[dict[str, float]] = Deferred(self._cancel)
+        self._script_done_at: Optional[float] = None
         self._done = False
         self._phase: Literal["script", "ready"] = "script"
         self._pid: Optional[int] = None
@@ -99,9 +86,7 @@ class _Attempt:
         self._deadline_call: Optional[IDelayedCall] = None
         self._kill_call: Optional[IDelayedCall] = None
         self._linger_call: Optional[IDelayedCall] = None
-        self._poll_call: Optional[IDelayedCall] = None
-        self._probe_d: Optional[Deferred[int]] = None
-        self._last_health: Optional[str] = None
+        self._readiness: Optional[Readiness] = None
         self._started_at = self._reactor.seconds()
 
     # --- script phase ---------------------------------------------------------
@@ -121,6 +106,8 @@ class _Attempt:
         env.update(JANO_MODEL=model, JANO_PREVIOUS_MODEL=previous,
                    JANO_UPSTREAM=self.target.upstream, JANO_GROUP=self.group,
                    JANO_ACTION=action)
+        if self.evict:
+            env["JANO_EVICT"] = ",".join(m.name for m in self.evict)
         args = session_argv(argv, s._setsid)
         self._protocol = SwapScriptProtocol(self.target.name, self.group, s._max_line)
         try:
@@ -146,7 +133,7 @@ class _Attempt:
         self._timed_out = True
         self.log.warn("swap to {model}: script still running after {timeout}, "
                       "terminating its process group {pid}", model=self.target.name,
-                      timeout=_secs(self._s.swap_timeout), pid=self._pid)
+                      timeout=secs(self._s.swap_timeout), pid=self._pid)
         self._terminate()
 
     def _terminate(self) -> None:
@@ -160,7 +147,7 @@ class _Attempt:
         if not self._script_running:
             return
         self.log.warn("swap to {model}: script ignored SIGTERM for {grace}, killing group {pid}",
-                      model=self.target.name, grace=_secs(self._s.kill_grace), pid=self._pid)
+                      model=self.target.name, grace=secs(self._s.kill_grace), pid=self._pid)
         self._killpg(signal.SIGKILL)
 
     def _killpg(self, sig: int) -> None:
@@ -193,6 +180,7 @@ class _Attempt:
 
     def _script_ended(self, outcome: Optional[Failure]) -> None:
         self._script_running = False
+        self._script_done_at = self._reactor.seconds()
         for call in (self._deadline_call, self._kill_call, self._linger_call):
             if call is not None and call.active():
                 call.cancel()
@@ -204,7 +192,7 @@ class _Attempt:
                               model=self.target.name, cause=_cause(outcome))
             return
         if self._timed_out:
-            cause = f"swap script timed out after {_secs(self._s.swap_timeout)} (killed)"
+            cause = f"swap script timed out after {secs(self._s.swap_timeout)} (killed)"
             last = self._protocol.last_stderr if self._protocol is not None else None
             if last:
                 cause += f": {last}"
@@ -213,84 +201,48 @@ class _Attempt:
             self._finish(outcome)
         elif self.unloading:  # nothing to wait for: the model is gone
             self.log.info("unload of {model}: script done after {elapsed}", model=self.target.name,
-                          elapsed=_secs(round(self._reactor.seconds() - self._started_at, 3)))
+                          elapsed=secs(round(self._reactor.seconds() - self._started_at, 3)))
             self._finish(None)
         else:
             self.log.info("swap to {model}: script done after {elapsed}, waiting for {url}",
                           model=self.target.name, url=self.target.health_url,
-                          elapsed=_secs(round(self._reactor.seconds() - self._started_at, 3)))
+                          elapsed=secs(round(self._reactor.seconds() - self._started_at, 3)))
             self._phase = "ready"
-            self._deadline_call = self._reactor.callLater(self._s.ready_timeout, self._not_ready)
-            self._poll()
-
-    # --- readiness phase ------------------------------------------------------
-
-    def _poll(self) -> None:
-        self._poll_call = None
-        try:
-            d = self._s._probe(self.target.health_url)
-        except Exception:
-            d = fail()
-        self._probe_d = d
-        d.addCallbacks(self._probed, self._probe_failed)
-
-    def _probed(self, status: int) -> None:
-        self._probe_d = None
-        if self._done:
-            return
-        if status == 200:
-            self._finish(None)
-            return
-        self._last_health = str(status)
-        self._next_poll()
-
-    def _probe_failed(self, failure: Failure) -> None:
-        self._probe_d = None
-        if self._done:
-            return
-        self._last_health = _describe(failure)
-        self._next_poll()
-
-    def _next_poll(self) -> None:
-        self._poll_call = self._reactor.callLater(self._s.poll_interval, self._poll)
-
-    def _not_ready(self) -> None:
-        self._deadline_call = None
-        last = self._last_health or "no answer yet"
-        self._finish(Failure(SwapError(
-            "not_ready",
-            f"backend not ready after {_secs(self._s.ready_timeout)} (last health: {last})")))
+            self._readiness = Readiness(self._reactor, self._s._probe,  # type: ignore[arg-type]
+                                        self.target.health_url, timeout=self._s.ready_timeout,
+                                        interval=self._s.poll_interval)
+            self._readiness.start().addCallbacks(lambda _: self._finish(None), self._finish)
 
     # --- the end --------------------------------------------------------------
 
     def _stop_polling(self) -> None:
-        for call in (self._poll_call, self._deadline_call if self._phase == "ready" else None):
-            if call is not None and call.active():
-                call.cancel()
-        self._poll_call = None
-        if self._phase == "ready":
-            self._deadline_call = None
-        probe, self._probe_d = self._probe_d, None
-        if probe is not None:
-            probe.addErrback(lambda f: None)
-            probe.cancel()
+        readiness, self._readiness = self._readiness, None
+        if readiness is not None:
+            readiness.result.cancel()
 
     def _finish(self, outcome: Optional[Failure]) -> None:
         if self._done:
             return
         self._done = True
         self._stop_polling()
-        elapsed = _secs(round(self._reactor.seconds() - self._started_at, 3))
+        now = self._reactor.seconds()
+        elapsed = secs(round(now - self._started_at, 3))
+        script_end = self._script_done_at if self._script_done_at is not None else now
+        phases = {"script": script_end - self._started_at}
+        if self._phase == "ready":
+            phases["ready"] = now - script_end
         if outcome is None:
             self.log.info("swap to {model}: ready after {elapsed}", model=self.target.name,
                           elapsed=elapsed)
-            self.result.callback(None)
+            self.result.callback(phases)
         else:
+            if isinstance(outcome.value, SwapError) and not outcome.value.phases:
+                outcome.value.phases = tuple(phases.items())
             self.log.error("swap to {model} failed after {elapsed}: {cause}",
                            model=self.target.name, elapsed=elapsed, cause=_cause(outcome))
             self.result.errback(outcome)
 
-    def _cancel(self, result: Deferred[None]) -> None:
+    def _cancel(self, result: Deferred[dict[str, float]]) -> None:
         if self._done:
             return
         self._done = True
@@ -358,20 +310,23 @@ class ScriptSwapper:
         self._max_line = max_line
         self._setsid: Optional[str] = shutil.which("setsid")
 
-    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
+    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec,
+             evict: Sequence[ModelSpec] = ()) -> Deferred[dict[str, float]]:
         """
         Move ``group``'s slot from ``previous`` (``None``: unknown) to ``target``.
+        ``evict``: every model to unload (a group with a memory budget); the
+        script gets their names, comma-separated, in ``JANO_EVICT``.
 
-        :return: fires ``None`` once the script exited 0 and ``target.health_url``
-            answered 200; fails with :class:`SwapError` otherwise.  Cancelling it
+        :return: fires with the seconds of the ``script`` and ``ready`` phases
+            once the script exited 0 and ``target.health_url`` answered 200; fails with :class:`SwapError` otherwise.  Cancelling it
             terminates the script's process group (SIGTERM, then SIGKILL after
             ``kill_grace``) or stops polling.
         """
         if not self.command:
             return fail(SwapError("failed", "no swap command is configured ([swap] command)"))
-        return self._run(_Attempt(self, group, previous, target))
+        return self._run(_Attempt(self, group, previous, target, evict=evict))
 
-    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+    def unload(self, group: str, model: ModelSpec) -> Deferred[dict[str, float]]:
         """
         Unload ``model``, ``group``'s resident, leaving the slot empty: run
         ``unload_command`` with ``{model}`` = ``model``, or else ``command``
@@ -386,7 +341,7 @@ class ScriptSwapper:
         return self._run(_Attempt(self, group, model, model, unload=True))
 
     @staticmethod
-    def _run(attempt: _Attempt) -> Deferred[None]:
+    def _run(attempt: _Attempt) -> Deferred[dict[str, float]]:
         try:
             attempt.start()
         except Exception:

@@ -157,6 +157,8 @@ class Database:
         if self.path in _MEMORY:
             self._conn = _connect(":memory:")
             return self._migrate(self._conn)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)  # ~/.local/state/jano on a new box
         conn = _connect(self.path)
         try:
             self._check(conn)

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from jano.records import HealthState, ModelSpec, SchedulerSnapshot, SwapEvent, UsageRecord
 from jano.telemetry.export import ScrapeCollector, render, scheduler_stuck
+from jano.telemetry.processes import PhaseRecorder, ProcessCollector, Statuses
 
 
 class RecordSink(Protocol):
@@ -75,6 +76,10 @@ class Telemetry:
             clock, models, self._registry, usage_ring=usage_ring, window=window,
             reload_threshold=reload_threshold,
         )
+        self._phases = PhaseRecorder(self._registry, self._recorder.label)
+        self._processes: Optional[Statuses] = None
+        self._registry.register(ProcessCollector(
+            lambda: self._processes() if self._processes is not None else {}))
         self._registry.register(
             ScrapeCollector(
                 self._recorder, clock, version=version, snapshot=snapshot, health=health,
@@ -129,6 +134,11 @@ class Telemetry:
     def swap_finished(self, event: SwapEvent) -> None:
         """Count one ended swap attempt, whatever its result."""
         self._recorder.swap_finished(event)
+        self._phases.swap_finished(event)
+
+    def set_processes(self, statuses: Statuses) -> None:
+        """Where the managed servers' statuses come from (``/status``, ``/metrics``)."""
+        self._processes = statuses
 
     def queue_rejected(self, reason: str) -> None:
         """Count a request Jano refused itself; unknown reasons count as "other"."""
@@ -153,6 +163,8 @@ class Telemetry:
         body = status_body(self._recorder, version=self._version, now=now, snap=snap,
                            health=health)
         body["schedulerStuck"] = scheduler_stuck(snap, now, self.stuck_after)
+        if self._processes is not None:
+            body["processes"] = dict(self._processes())
         return body
 
     def sample(self) -> dict[str, Optional[float]]:

@@ -129,6 +129,7 @@ def _swap_entry(event: SwapEvent) -> dict[str, object]:
         "result": event.result,
         "error": event.error,
         "durationMs": ms(event.duration),
+        "phasesMs": {name: ms(seconds) for name, seconds in event.phases} or None,
         "startedAt": iso(event.started_at),
         "at": iso(event.started_at + event.duration),
     }

@@ -34,10 +34,11 @@ from jano.routing import MODEL_HEADER, route
 from jano.telemetry import Telemetry
 from jano.telemetry.queue import queue_body
 from jano.telemetry.store import UsageStore
-from jano.web import history
-from jano.web import dashboard
+from jano.swap.logring import LogRing
+from jano.web import dashboard, history, params
 from jano.web.lifecycle import model_status, ollama_ps, request_load, request_unload
 from jano.web.limits import CallerLimits
+from jano.web.logs import LogFollowers, follow_logs, logs_page, parse_tail
 from jano.web.site import UNAUTHORIZED, Keys, bearer_ok
 
 #: Paths Jano answers itself: another method on them gets 405, never the backend.
@@ -146,6 +147,10 @@ class JanoApp:
         self.usage_ring = usage_ring
         self.thrash_swaps_per_hour = thrash_swaps_per_hour
         self.draining = False
+        #: A managed model's log ring, by name (``None``: Jano does not run it).
+        self.logs_of: Callable[[str], Optional[LogRing]] = lambda name: None
+        #: The open ``/logs/...?follow=1`` responses, ended when Jano stops.
+        self.log_followers = LogFollowers()
         self.set_models(models)
 
     def set_models(self, models: tuple[ModelSpec, ...]) -> None:
@@ -236,6 +241,26 @@ class JanoApp:
         ctype, body = self.telemetry.metrics(accept.decode("latin-1") if accept else None)
         request.setHeader(b"content-type", ctype.encode())
         return body
+
+    @app.route("/logs/<path:name>", methods=["GET", "HEAD"])
+    def logs(self, request: Request, name: str) -> Any:
+        denied = self._denied(request, self.telemetry_key)
+        if denied:
+            return denied
+        ring = self.logs_of(name)
+        if ring is None:
+            return _error(request, 404, f"no log for {name!r}: only the servers Jano runs "
+                          "(models with a command) have one", "not_found_error")
+        try:
+            tail = parse_tail(request)
+            follow = params.choice(request.args or {}, "follow", ("0", "1"))
+        except params.BadParameter as e:
+            return _error(request, 400, str(e), "invalid_request_error")
+        if follow == "1":
+            return follow_logs(request, ring, self.clock, tail=100 if tail is None else tail,
+                               followers=self.log_followers,
+                               stall_timeout=self.forwarder.idle_write_timeout)
+        return logs_page(request, ring, tail)
 
     @app.route("/v1/models", methods=["GET", "HEAD"])
     def openai_models(self, request: Request) -> bytes:

@@ -7,8 +7,11 @@ transport, and a ``Clock`` for every delay.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
-from typing import Any, Callable, Optional, Protocol, TypeVar, cast
+import signal
+from typing import Any, Callable, NoReturn, Optional, Protocol, TypeVar, cast
 
 import pytest
 from treq.testing import StubTreq
@@ -24,8 +27,11 @@ from twisted.web.client import ResponseFailed
 from twisted.web.iweb import IResponse
 from twisted.web.server import Site
 
+import jano.testing.__main__ as cli
 from jano.demo import OLLAMA_LOAD_NS, FakeModelServer, SeenRequest, SimulatedSwapper
+from jano.demo.server import CRASH_FLUSH
 from jano.records import ModelSpec
+from wire import header_value, load_capture
 
 BASE = "http://fake.invalid"
 MESSAGES = [{"role": "system", "content": "be brief"},
@@ -662,3 +668,168 @@ def test_swap_to_a_model_without_a_server_fails() -> None:
     fired: list[Any] = []
     swapper.swap("g", None, spec("x")).addBoth(fired.append)
     assert isinstance(fired[0], Failure) and fired[0].check(LookupError)
+
+
+# --- start-up load and simulated crashes (what a supervisor of llama-server sees) -----------------
+
+
+def raw_get(server: FakeModelServer, path: str) -> StringTransport:
+    protocol = Site(server.resource()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET %s HTTP/1.1\r\nHost: fake\r\n\r\n" % path.encode())
+    return transport
+
+
+def test_simulate_load_answers_llama_servers_loading_capture_until_it_ends() -> None:
+    status, headers, body = load_capture("llamacpp-health-loading.json")
+    h = Harness()
+    fired: list[Any] = []
+    h.server.simulate_load(1.5).addBoth(fired.append)
+    response, got = h.get("/health")
+    assert (response.code, got) == (status, body)
+    for name in ("Server", "Access-Control-Allow-Origin", "Content-Type"):  # and Connection:
+        assert header(response, name) == header_value(headers, name), name  # see the next test
+    assert response.length == int(header_value(headers, "Content-Length") or "")
+    for path in ("/v1/models", "/nope"):  # every route, known or not
+        response, got = h.get(path)
+        assert (response.code, got) == (503, body)
+    response, got = h.post("/v1/chat/completions", {"stream": True})
+    assert (response.code, got) == (503, body)
+    assert h.get("/fake/stats")[0].code == 200
+    h.clock.advance(1.25)
+    assert h.get("/health")[0].code == 503 and fired == []
+    h.clock.advance(0.25)
+    assert fired == [None]
+    response, got = h.get("/health")
+    assert (response.code, json.loads(got)) == (200, {"status": "ok"})
+    assert h.server.loaded_model == "fake-model" and h.get("/nope")[0].code == 404
+
+
+def test_loading_answers_close_the_connection_as_llama_server_does() -> None:
+    clock = Clock()
+    server = FakeModelServer(clock)
+    loaded = raw_get(server, "/health")
+    assert b"200 OK" in loaded.value() and not loaded.disconnecting
+    server.loading = True
+    loading = raw_get(server, "/health")
+    assert b"503 Service Unavailable" in loading.value()
+    assert b"Connection: close" in loading.value() and loading.disconnecting
+    server.flavor = "openai"  # the capture is llama-server's: others keep the connection
+    assert not raw_get(server, "/health").disconnecting
+
+
+def test_simulate_load_zero_at_once_bad_values_and_cancel() -> None:
+    clock = Clock()
+    server = FakeModelServer(clock, models=("a", "b"), start_loaded=False)
+    fired: list[Any] = []
+    server.simulate_load(0).addBoth(fired.append)
+    assert fired == [None] and server.loaded_model == "a" and not server.loading
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            server.simulate_load(bad)
+    d = server.simulate_load(2.0)
+    d.addBoth(fired.append)
+    assert server.loading
+    d.cancel()
+    assert isinstance(fired[1], Failure) and fired[1].check(CancelledError)
+    assert clock.getDelayedCalls() == [] and server.loaded_model is None and not server.loading
+
+
+def test_crash_after_n_answers_kills_the_next_stream_after_its_first_chunk() -> None:
+    clock = Clock()
+    crashes: list[float] = []
+    server = FakeModelServer(clock, crash_after=2, crash=lambda: crashes.append(clock.seconds()))
+    for _ in range(3):  # health checks and listings do not count
+        assert b"200 OK" in raw_get(server, "/health").value()
+    _, first = raw_request(server, "/completion", {"n_predict": 2})
+    _, second = raw_request(server, "/v1/chat/completions", {"stream": True, "max_tokens": 3})
+    assert first.value().count(b"Tok") == 2 and second.value().endswith(b"\r\n0\r\n\r\n")
+    assert server.answered == 2 and crashes == []
+
+    _, third = raw_request(server, "/v1/chat/completions", {"stream": True, "max_tokens": 3})
+    head, chunks = dechunk(third.value())
+    assert b"200 OK" in head
+    assert [sse(c)[0]["choices"][0]["delta"] for c in chunks] == [
+        {"role": "assistant", "content": None}, {"content": "Tok0"}]  # and no end
+    assert crashes == [] and not third.disconnecting  # the chunk gets time to leave
+    clock.advance(CRASH_FLUSH)
+    assert crashes == [CRASH_FLUSH] and third.disconnecting
+    assert third.value().count(b"Tok") == 1 and clock.getDelayedCalls() == []
+
+    _, fourth = raw_request(server, "/completion", {"n_predict": 2})  # not streamed: at once
+    assert crashes == [CRASH_FLUSH, CRASH_FLUSH]
+    assert fourth.value() == b"" and fourth.disconnecting
+    assert server.crashes == 2 and server.answered == 2
+    assert server.stats() == {"requests": 4, "completed": 2, "disconnected": 0,
+                              "in_progress": 0, "aborted": 2}
+
+
+def test_crash_after_zero_crashes_the_first_inference_request_whatever_it_is() -> None:
+    h = Harness(crash_after=0)  # the default crash returns: the fake just hangs up
+    assert h.get("/health")[0].code == 200
+    with pytest.raises(ResponseFailed):  # a stream without content chunks: no chunk to wait for
+        h.post("/v1/chat/completions", {"stream": True, "max_tokens": 0})
+    with pytest.raises(ResponseFailed):  # an Ollama load request
+        h.post("/api/generate", {"model": "m"})
+    assert h.server.crashes == 2 and h.server.aborted == 2
+    h.server.crash_after = None
+    assert h.post("/completion", {"n_predict": 1})[0].code == 200
+    with pytest.raises(ValueError):
+        FakeModelServer(Clock(), crash_after=-1)
+
+
+def test_cli_exit_at_start_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--exit-at-start", "3", "--model", "m", "--startup-delay", "0.25"]) == 3
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == ["fake: loading model m (startup delay 0.25s)",
+                                "fake: cannot load model: file not found"]
+    assert cli.main(["--exit-at-start", "0", "--silent"]) == 0
+    assert capsys.readouterr().err == "fake: cannot load model: file not found\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--crash-exit", "3"], ["--crash-signal", "KILL"], ["--crash-after", "-1"],
+    ["--crash-after", "1", "--crash-exit", "1", "--crash-signal", "KILL"],
+    ["--crash-after", "1", "--crash-signal", "TERM"], ["--crash-after", "1", "--crash-exit", "256"],
+    ["--startup-delay", "-1"], ["--startup-delay", "nan"], ["--startup-delay", "soon"],
+    ["--exit-at-start", "-1"],
+])
+def test_cli_rejects_bad_flags(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+class Died(Exception):
+    pass
+
+
+def test_cli_crash_function_says_why_then_exits_or_signals(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    def exit_(code: int) -> NoReturn:
+        calls.append(("exit", code))
+        raise Died()
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: calls.append(("kill", pid, sig)))
+    monkeypatch.setattr(signal, "signal", lambda sig, how: calls.append(("signal", sig, how)))
+    monkeypatch.setattr(cli, "_no_core_dump", lambda: calls.append(("no core",)))
+
+    with pytest.raises(Died):
+        cli._crasher(4, None, 7)()
+    assert calls == [("exit", 7)]
+    assert capsys.readouterr().err == "fake: simulated crash after 4 requests\n"
+    calls.clear()
+    with pytest.raises(Died):  # the fallback exit, reached only because kill is faked
+        cli._crasher(1, None, None)()
+    assert calls == [("kill", os.getpid(), signal.SIGKILL), ("exit", 128 + 9)]
+    calls.clear()
+    with pytest.raises(Died):
+        cli._crasher(1, "SEGV", None)()
+    assert calls == [("no core",), ("signal", signal.SIGSEGV, signal.SIG_DFL),
+                     ("kill", os.getpid(), signal.SIGSEGV), ("exit", 128 + 11)]

@@ -43,7 +43,9 @@ class SwapCall:
     group: str
     previous: Optional[str]
     target: str
-    d: Deferred[None] = field(default_factory=Deferred)
+    d: Deferred[Any] = field(default_factory=Deferred)
+    #: The ``evict`` names, ``None`` when the scheduler passed none (a group without a budget).
+    evict: Optional[tuple[str, ...]] = None
 
     def succeed(self) -> None:
         self.d.callback(None)
@@ -52,18 +54,24 @@ class SwapCall:
         self.d.errback(Failure(exc))
 
 
+#: ``evict``'s default, told apart from an empty tuple passed on purpose.
+NOT_GIVEN: Sequence[ModelSpec] = []
+
+
 class FakeSwapper:
     """Records every swap; the test fires each one by hand."""
 
     def __init__(self) -> None:
         self.calls: list[SwapCall] = []
 
-    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
-        call = SwapCall(group, previous.name if previous else None, target.name)
+    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec,
+             evict: Sequence[ModelSpec] = NOT_GIVEN) -> Deferred[Any]:
+        call = SwapCall(group, previous.name if previous else None, target.name,
+                        evict=None if evict is NOT_GIVEN else tuple(m.name for m in evict))
         self.calls.append(call)
         return call.d
 
-    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
+    def unload(self, group: str, model: ModelSpec) -> Deferred[Any]:
         call = SwapCall(group, model.name, "")  # an unload: no target
         self.calls.append(call)
         return call.d
@@ -521,7 +529,8 @@ def test_a_swapper_that_answers_synchronously() -> None:
     clock = Clock()
 
     class Instant:
-        def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
+        def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec,
+                 evict: Sequence[ModelSpec] = ()) -> Deferred[None]:
             return succeed(None)
 
         def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
@@ -593,7 +602,8 @@ def test_a_swapper_that_raises_is_a_failed_swap() -> None:
     events: list[SwapEvent] = []
 
     class Broken:
-        def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
+        def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec,
+                 evict: Sequence[ModelSpec] = ()) -> Deferred[None]:
             raise RuntimeError("no script")
 
         def unload(self, group: str, model: ModelSpec) -> Deferred[None]:

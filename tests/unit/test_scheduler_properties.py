@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import CancelledError, Deferred
@@ -26,7 +26,11 @@ from jano.records import ModelSpec, SwapEvent
 from jano.scheduler import ModelUnavailable, QueueFull, Scheduler, Ticket
 
 SETTINGS = settings(max_examples=250, deadline=None, database=None)
+#: Groups with a memory budget: fewer examples, to keep the run short.
+BUDGET_SETTINGS = settings(max_examples=120, deadline=None, database=None)
 EPS = 1e-9
+#: ``evict``'s default, told apart from an empty tuple passed on purpose.
+NOT_GIVEN: Sequence[ModelSpec] = []
 
 
 class SwapFailure(Exception):
@@ -61,6 +65,13 @@ class Setup:
     #: The collation window and the minimum residency (seconds; 0: off).
     collate: float = 0.0
     min_residency: float = 0.0
+    #: Group name to its memory budget (MiB); every model of such a group has ``memory``.
+    budgets: dict[str, int] = field(default_factory=dict)
+    #: Seconds idle before a resident is unloaded (0: never).
+    ttl: float = 0.0
+
+    def spec(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
 
     def group_of(self, name: str) -> Optional[str]:
         spec = next(m for m in self.models if m.name == name)
@@ -77,17 +88,26 @@ class World:
         self.setup = setup
         self.clock = Clock()
         self.loaded: dict[str, Optional[str]] = {}  # group -> physically loaded model
+        #: Groups with a budget: every physically loaded model.
+        self.loaded_set: dict[str, set[str]] = {g: set() for g in setup.budgets}
         self.swapping: set[str] = set()
         self.in_flight: dict[str, int] = {m.name: 0 for m in setup.models}
         self.swaps: list[tuple[str, Optional[str], str, bool]] = []
         self.events: list[SwapEvent] = []
         self.n_swaps = 0
+        self.unloads = 0
+        #: Per load in a group with a budget: the models it evicted.
+        self.evicted: list[tuple[str, tuple[str, ...]]] = []
         for group, name in setup.initial.items():
-            self.loaded[group] = name
+            if group in setup.budgets:
+                self.loaded_set[group].add(name)
+            else:
+                self.loaded[group] = name
         self.s = Scheduler(setup.models, self, self.clock, max_wait=setup.max_wait,
                            max_queue=setup.max_queue, retry_backoff=3.0,
                            initial=setup.initial, on_swap=self.events.append,
-                           collate=setup.collate, min_residency=setup.min_residency)
+                           collate=setup.collate, min_residency=setup.min_residency,
+                           ttl=setup.ttl, budgets=setup.budgets)
         self.seq = 0
         self.violations: list[str] = []
 
@@ -95,8 +115,21 @@ class World:
         if not ok:
             self.violations.append(f"t={self.clock.seconds()}: {what}")
 
+    def is_loaded(self, group: str, name: str) -> bool:
+        if group in self.setup.budgets:
+            return name in self.loaded_set[group]
+        return self.loaded.get(group) == name
+
+    def queued(self, name: str) -> list[Req]:
+        """Requests for ``name`` that arrived and have not ended in any way yet."""
+        return [r for r in self.setup.reqs if r.model == name and r.seq >= 0 and not r.outcomes]
+
     # the Swapper
-    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
+    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec,
+             evict: Sequence[ModelSpec] = NOT_GIVEN) -> Deferred[None]:
+        if group in self.setup.budgets:
+            return self.load(group, previous, target, evict)
+        self.expect(evict is NOT_GIVEN, f"evict passed to {group}, which has no budget")
         self.expect(group not in self.swapping, f"two swaps of {group} at once")
         prev = previous.name if previous else None
         self.expect(prev == self.loaded.get(group),
@@ -124,14 +157,68 @@ class World:
         self.clock.callLater(duration, finish)
         return d
 
+    def load(self, group: str, previous: Optional[ModelSpec], target: ModelSpec,
+             evict: Sequence[ModelSpec]) -> Deferred[None]:
+        """A swap in a group with a budget: stop ``evict``, then load ``target`` beside the rest."""
+        self.expect(group not in self.swapping, f"two loads of {group} at once")
+        self.expect(evict is not NOT_GIVEN, f"no evict passed to {group}, which has a budget")
+        names = [m.name for m in evict]
+        prev = previous.name if previous else None
+        self.expect(prev == (names[0] if names else None), f"previous={prev}, evict={names}")
+        loaded = self.loaded_set[group]
+        self.expect(target.name not in loaded, f"loading {target.name}, already loaded")
+        now = self.clock.seconds()
+        for e in evict:
+            self.expect(e.name in loaded, f"evicting {e.name}, which is not loaded")
+            self.expect(self.in_flight[e.name] == 0,
+                        f"evicting {e.name} with {self.in_flight[e.name]} in flight")
+            queued = self.queued(e.name)
+            if queued:
+                # Only requests the starvation guard holds back: each is newer than a
+                # request of another model of the group that has waited max_wait.
+                first = min(q.seq for q in queued)
+                self.expect(any(x.seq < first and x.model != e.name
+                                and self.setup.group_of(x.model) == group
+                                and x.at + self.setup.max_wait <= now + EPS
+                                for x in self.setup.reqs if x.seq >= 0),
+                            f"evicting {e.name} with {len(queued)} requests queued")
+        loaded.difference_update(names)
+        used = sum(self.setup.spec(n).memory or 0 for n in loaded)
+        budget = self.setup.budgets[group]
+        self.expect(used + (target.memory or 0) <= budget,
+                    f"{target.name} ({target.memory}) does not fit beside {sorted(loaded)}")
+        i = self.n_swaps
+        self.n_swaps += 1
+        duration = self.setup.swap_durations[i % len(self.setup.swap_durations)]
+        failed = self.setup.swap_failures[i % len(self.setup.swap_failures)]
+        self.swapping.add(group)
+        self.swaps.append((group, prev, target.name, failed))
+        self.evicted.append((group, tuple(names)))
+        d: Deferred[None] = Deferred()
+
+        def finish() -> None:
+            self.swapping.discard(group)
+            if failed:
+                d.errback(Failure(SwapFailure(f"{target.name} would not start")))
+            else:
+                loaded.add(target.name)
+                d.callback(None)
+
+        self.clock.callLater(duration, finish)
+        return d
+
     def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
         self.expect(group not in self.swapping, f"an unload during a swap of {group}")
-        self.expect(self.loaded.get(group) == model.name,
+        self.expect(self.is_loaded(group, model.name),
                     f"unloading {model.name}, but {self.loaded.get(group)} is loaded")
-        self.expect(self.in_flight[model.name] == 0,
+        self.expect(self.in_flight[model.name] == 0 and not self.queued(model.name),
                     f"unloading {model.name} with {self.in_flight[model.name]} in flight")
         self.swapping.add(group)
-        self.loaded[group] = None
+        self.unloads += 1
+        if group in self.setup.budgets:
+            self.loaded_set[group].discard(model.name)
+        else:
+            self.loaded[group] = None
         d: Deferred[None] = Deferred()
 
         def finish() -> None:
@@ -155,7 +242,10 @@ class World:
         r.ticket = t
         self.expect(t.model == r.model and t.dispatched_at == self.clock.seconds(), f"bad {t}")
         group = self.setup.group_of(r.model)
-        if group is not None:
+        if group in self.setup.budgets:
+            self.expect(r.model in self.loaded_set[group],
+                        f"{r.model} dispatched while {self.loaded_set[group]} are loaded")
+        elif group is not None:
             self.expect(group not in self.swapping and self.loaded.get(group) == r.model,
                         f"{r.model} dispatched while {self.loaded.get(group)} is loaded")
         self.in_flight[r.model] += 1
@@ -198,11 +288,17 @@ class World:
         assert all(m.queued == 0 and m.in_flight == 0 for m in snap.models), snap
         assert all(g.swapping_to is None for g in snap.groups)
         assert self.swapping == set()
-        assert len(self.events) == len(self.swaps)
+        swaps = [e for e in self.events if e.kind == "swap"]
+        assert len(swaps) == len(self.swaps)
+        assert len(self.events) - len(swaps) == self.unloads
         for ev in self.events:
             assert ev.result in ("ok", "failed")
-        assert sorted((e.group, e.to_model, e.result != "ok") for e in self.events) == \
+        assert sorted((e.group, e.to_model, e.result != "ok") for e in swaps) == \
             sorted((g, t, failed) for g, _, t, failed in self.swaps)
+        for g in snap.groups:  # the scheduler's residents are what is physically loaded
+            if g.name in setup.budgets:
+                assert set(g.residents) == self.loaded_set[g.name], (g, self.loaded_set)
+                assert g.memory_used == sum(setup.spec(n).memory or 0 for n in g.residents)
         failed_targets = {t for _, _, t, failed in self.swaps if failed}
         for r in setup.reqs:
             if r.outcomes[0] == "ModelUnavailable":
@@ -219,18 +315,32 @@ LAYOUTS = [
 ]
 
 
+#: Layouts with a memory budget on ``gpu`` (MiB); ``gpu1`` holds one model at a time.
+BUDGET_LAYOUTS = [
+    (("gpu", 3),),
+    (("gpu", 4),),
+    (("gpu", 3), ("gpu1", 2)),
+]
+MEMORIES = [4, 6, 8, 12, 16, 20, 24, 32]
+
+
 @st.composite
 def setups(draw: Any, *, failures: bool, cancels: bool, ample: bool,
-           max_queue: Optional[int] = None) -> Setup:
-    layout = draw(st.sampled_from(LAYOUTS))
+           max_queue: Optional[int] = None, budgeted: bool = False,
+           ttl: bool = False) -> Setup:
+    layout = draw(st.sampled_from(BUDGET_LAYOUTS if budgeted else LAYOUTS))
+    budgets = {"gpu": draw(st.sampled_from([24, 32]))} if budgeted else {}
     with_always_on = draw(st.booleans())
     n_reqs = draw(st.integers(1, 40))
     models: list[ModelSpec] = []
     for group, count in layout:
         for i in range(count):
             conc = 64 if ample else draw(st.integers(1, 3))
+            memory = None
+            if group in budgets:
+                memory = draw(st.sampled_from([m for m in MEMORIES if m <= budgets[group]]))
             models.append(ModelSpec(f"{group}-m{i}", "http://127.0.0.1:1", max_concurrency=conc,
-                                    group=group))
+                                    group=group, memory=memory))
     if with_always_on:
         models.append(ModelSpec("emb", "http://127.0.0.1:2", always_on=True,
                                 max_concurrency=64 if ample else draw(st.integers(1, 3))))
@@ -259,7 +369,9 @@ def setups(draw: Any, *, failures: bool, cancels: bool, ample: bool,
                  max_queue=max_queue if max_queue is not None else draw(st.integers(1, 40)),
                  reqs=reqs, swap_durations=durations, swap_failures=fails,
                  collate=draw(st.sampled_from([0.0, 0.0, 0.25, draw(st.floats(0.0, 5.0))])),
-                 min_residency=draw(st.sampled_from([0.0, 0.0, draw(st.floats(0.0, 30.0))])))
+                 min_residency=draw(st.sampled_from([0.0, 0.0, draw(st.floats(0.0, 30.0))])),
+                 budgets=budgets,
+                 ttl=draw(st.sampled_from([0.0, draw(st.floats(0.1, 20.0))])) if ttl else 0.0)
 
 
 # --- properties --------------------------------------------------------------------------------
@@ -391,3 +503,68 @@ def test_without_a_guard_each_model_loads_at_most_once_per_burst(setup: Setup) -
     for group in {m.group for m in setup.models if not m.always_on}:
         targets = [t for g, _, t, _ in world.swaps if g == group]
         assert len(targets) == len(set(targets)), targets
+
+
+# --- groups with a memory budget -----------------------------------------------------------------
+
+
+@BUDGET_SETTINGS
+@given(setups(failures=True, cancels=True, ample=False, budgeted=True, ttl=True))
+def test_budget_groups_never_evict_work_and_end_every_request_once(setup: Setup) -> None:
+    """
+    As above, with a group holding any set of models that fits its budget:
+    every request ends exactly once; a request is dispatched only to a loaded
+    model; a load never overcommits the budget, never evicts a model with a
+    request in flight, nor one with requests queued unless the starvation
+    guard holds them back for an older, overdue request of another model; the
+    scheduler's residents are what is loaded.  Idle residents are unloaded
+    (TTL) one at a time, never during a load (all asserted by the fakes).
+    """
+    world = World(setup)
+    world.run()
+    world.check_common()
+
+
+@BUDGET_SETTINGS
+@given(setups(failures=True, cancels=True, ample=True, max_queue=1000, budgeted=True))
+def test_budget_groups_keep_the_guard_bound(setup: Setup) -> None:
+    """
+    The bound of :func:`test_no_request_waits_beyond_the_guard_bound` holds
+    for a group with a budget too: ``max_wait + k * (S + D)``.  After ``T``,
+    when ``X`` has waited ``max_wait``, the residents take no request newer
+    than the oldest overdue one, so they drain within ``D`` (they drain side
+    by side); each load takes ``S``, evicting whatever is needed, idle or held
+    back; each other model gets at most one such visit before ``X``'s.
+    """
+    world = World(setup)
+    world.run()
+    world.check_common()
+    max_swap = max(setup.swap_durations)
+    for r in setup.reqs:
+        if r.ticket is None:
+            continue
+        group = setup.group_of(r.model)
+        wait = r.ticket.queue_wait
+        assert wait is not None
+        if group is None:
+            assert wait == 0.0
+            continue
+        members = setup.members(group)
+        d_max = max(x.service for x in setup.reqs if x.model in members)
+        bound = setup.max_wait + len(members) * (max_swap + d_max)
+        assert wait <= bound + EPS, (r, wait, bound)
+
+
+@BUDGET_SETTINGS
+@given(setups(failures=False, cancels=False, ample=True, max_queue=1000, budgeted=True))
+def test_models_that_fit_together_are_loaded_once(setup: Setup) -> None:
+    """Without failures, when the whole group fits its budget no model is loaded twice."""
+    world = World(setup)
+    world.run()
+    world.check_common()
+    assert all(r.outcomes == ["served"] for r in setup.reqs)
+    for group, budget in setup.budgets.items():
+        if sum(setup.spec(n).memory or 0 for n in setup.members(group)) <= budget:
+            targets = [t for g, _, t, _ in world.swaps if g == group]
+            assert len(targets) == len(set(targets)), targets
+            assert all(e == () for g, e in world.evicted if g == group)

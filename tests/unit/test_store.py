@@ -468,3 +468,11 @@ def test_retention_by_row_cap(make: Callable[..., UsageStore]) -> None:
         store.add_sample(T0 + i, {"requests": float(i)})
     assert ids(store) == [8, 7, 6, 5, 4]
     assert [s["requests"] for s in result(store.series(0))] == [4.0, 5.0, 6.0, 7.0, 8.0]
+
+
+def test_the_folder_of_a_new_database_is_created_private(make: Callable[..., UsageStore],
+                                                         tmp_path: Path) -> None:
+    path = tmp_path / "state" / "jano" / "usage.sqlite3"
+    make(str(path))
+    assert path.exists()
+    assert (path.parent.stat().st_mode & 0o777) == 0o700

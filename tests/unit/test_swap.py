@@ -78,6 +78,11 @@ def outcome(d: Deferred[Any]) -> Any:
     return results[0]
 
 
+def succeeded(result: Any) -> bool:
+    """A swap's success: the seconds of its phases, the script's first."""
+    return isinstance(result, dict) and list(result)[:1] == ["script"]
+
+
 def swap_error(d: Deferred[Any]) -> SwapError:
     result = outcome(d)
     assert isinstance(result, Failure), f"expected a failure, got {result!r}"
@@ -113,7 +118,7 @@ def test_argv_and_env_exactly() -> None:
     assert proc.args[-3:] == argv
     assert proc.closed == [0], "stdin is closed at once"
     proc.exit(0)
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
     reactor.assert_idle()
 
 
@@ -130,7 +135,7 @@ def test_an_unload_runs_the_command_with_an_empty_model_and_polls_nothing() -> N
         "JANO_UPSTREAM": "http://127.0.0.1:8081", "JANO_GROUP": "gpu0", "JANO_ACTION": "unload"}
     assert not d.called
     proc.exit(0)
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
     assert probe.urls == []  # an unloaded model has no health to wait for
     reactor.assert_idle()
 
@@ -153,7 +158,7 @@ def test_unknown_previous_is_empty() -> None:
     assert proc.args[-3:] == ["/opt/jano/swap.sh", "llama-8b", "--from="]
     assert proc.env is not None and proc.env["JANO_PREVIOUS_MODEL"] == ""
     proc.exit(0)
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
 
 
 def test_default_env_is_jano_environment_at_swap_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,7 +217,7 @@ def test_lines_are_logged_with_model_and_stream() -> None:
         ("llama-8b", "stderr", "no newline at end"),
     ]
     assert all(e["group"] == "gpu0" for e in events if "line" in e)
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
 
 
 def test_megabytes_without_newline_stay_bounded() -> None:
@@ -411,7 +416,7 @@ def test_exit_zero_with_pipes_held_by_a_child() -> None:
         assert not d.called and proc.closed == [0]
         reactor.advance(0.1)
     assert sorted(proc.closed) == [0, 1, 2]
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
     assert probe.urls == ["http://127.0.0.1:8082/health"]
     assert reactor.killpg_calls == [], "never kill what a successful script started"
     assert ("llama-8b", "stderr", "server started") in line_events(events)
@@ -427,7 +432,7 @@ def test_lingering_pipes_are_not_a_timeout() -> None:
     reactor.advance(0.5)  # the swap timeout passes while the pipes linger
     assert reactor.killpg_calls == []
     reactor.advance(0.5)
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
     reactor.assert_idle()
 
 
@@ -458,7 +463,7 @@ def test_polls_until_200() -> None:
     assert len(probe.urls) == 2 and not d.called
     reactor.advance(0.5)
     assert len(probe.urls) == 3
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
     reactor.advance(10)
     assert len(probe.urls) == 3
     reactor.assert_idle()
@@ -471,7 +476,7 @@ def test_probe_errors_mean_not_yet() -> None:
     proc.exit(0)
     reactor.advance(1)
     reactor.advance(1)
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
     reactor.assert_idle()
 
 
@@ -530,7 +535,7 @@ def test_probe_raising_synchronously_is_not_yet() -> None:
     d, proc, _ = started(reactor, probe=probe, poll_interval=1)  # type: ignore[arg-type]
     proc.exit(0)
     reactor.advance(1)
-    assert outcome(d) is None
+    assert succeeded(outcome(d))
 
 
 def test_cancel_while_polling() -> None:
@@ -563,7 +568,7 @@ def test_two_groups_swap_independently() -> None:
     assert swap_error(d2).cause == "swap script exited with status 7: no such model"
     assert not d1.called
     p1.exit(0)
-    assert outcome(d1) is None
+    assert succeeded(outcome(d1))
 
 
 # --- the fake itself --------------------------------------------------------------
@@ -723,3 +728,30 @@ def test_http_probe_timeout() -> None:
 def test_http_probe_rejects_other_things() -> None:
     with pytest.raises(TypeError, match="treq HTTPClient"):
         http_probe(object())
+
+
+def test_a_swap_reports_its_script_and_ready_phases_and_the_models_it_evicts() -> None:
+    reactor = FakeProcessReactor()
+    probe = ProbeStub(503, 200)
+    other = ModelSpec("embed", "http://127.0.0.1:8090", group="gpu0")
+    d = make(reactor, probe, poll_interval=0.5).swap("gpu0", PREVIOUS, TARGET,
+                                                      evict=(PREVIOUS, other))
+    proc = reactor.processes[-1]
+    assert proc.env is not None and proc.env["JANO_EVICT"] == "qwen-7b,embed"
+    reactor.advance(2.0)
+    proc.exit(0)
+    reactor.advance(0.5)
+    assert outcome(d) == {"script": 2.0, "ready": 0.5}
+    reactor.assert_idle()
+
+
+def test_a_failed_readiness_keeps_the_phases_it_ran() -> None:
+    reactor = FakeProcessReactor()
+    d, proc, _ = started(reactor, probe=ProbeStub(*([503] * 200)), ready_timeout=3.0)
+    reactor.advance(1.0)
+    proc.exit(0)
+    for _ in range(10):
+        reactor.advance(0.5)
+    err = swap_error(d)
+    assert err.result == "not_ready"
+    assert err.phases == (("script", 1.0), ("ready", 3.0))

@@ -343,6 +343,7 @@ def test_swaps_last_hour_and_last_swap() -> None:
         "result": "timeout",
         "error": "exit status 1",
         "durationMs": 12500.0,
+        "phasesMs": None,
         "startedAt": "1970-01-01T03:16:30.000Z",
         "at": "1970-01-01T03:16:42.500Z",
     }
