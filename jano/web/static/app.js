@@ -29,7 +29,8 @@
   const state = { samples: [], swaps: new Map(), colors: new Map(), skew: 0, status: null,
     usage: null, timer: 0, busy: false, waitingForToken: false, mem: {},
     acting: new Set(), retry: null, noteTimer: 0,
-    hist: { span: "hour", series: [], seriesSpan: null, models: null, callers: null, errors: [], due: 0, busy: false, at: 0 } };
+    hist: { span: "hour", series: [], seriesSpan: null, models: null, callers: null, errors: [], due: 0, busy: false, at: 0 },
+    server: { model: null, log: null, logError: null, busy: false } };
 
   const $ = (id) => document.getElementById(id);
   const isNum = (v) => typeof v === "number" && isFinite(v);
@@ -270,6 +271,7 @@
     const old = [...state.swaps.entries()].sort((a, b) => a[1].end - b[1].end);
     old.forEach(([k, s], i) => { if (s.end < now - HISTORY_MS || i < old.length - MAX_SWAPS) state.swaps.delete(k); });
     render();
+    loadServerLog();
   }
 
   /* -- drawing ---------------------------------------------------------- */
@@ -290,6 +292,7 @@
     renderTokChart(now - clamp(now - (state.samples.length ? state.samples[0].t : now)), now);
     renderRequests(state.usage);
     renderTotals(st);
+    renderServer(st);
     $("timeline-span").textContent = `(last ${dur(span / 1000)})`;
   }
 
@@ -705,6 +708,104 @@
       ["Prompt tokens", st.promptTokensTotal, num], ["Uptime", st.uptimeSeconds, dur], ["Version", st.version, String]];
     $("totals").replaceChildren(...rows.flatMap(([k, v, f]) => [h("dt", {}, k), h("dd", {}, or(v, f))]));
   }
+
+  /* -- the model server Jano runs itself ------------------------------- */
+
+  const SERVER_LOG_LINES = 15;
+  const serverPath = (model) => `logs/${model.split("/").map(encodeURIComponent).join("/")}?tail=${SERVER_LOG_LINES}`;
+
+  // The servers worth showing: each resident model's, when Jano runs it, first; then any
+  // other of Jano's servers that is not simply stopped (starting, or crashed and to retry).
+  function serverModels(st, procs) {
+    const names = new Set(Object.values(st.groups || {}).map((g) => g && g.resident)
+      .filter((m) => m != null && procs[m]).sort());
+    for (const m of Object.keys(procs).sort()) if (procs[m] && procs[m].state !== "stopped") names.add(m);
+    return [...names];
+  }
+
+  function renderServer(st) {
+    const procs = st.processes && typeof st.processes === "object" ? st.processes : {};
+    const panel = $("server-panel"), sv = state.server;
+    panel.hidden = !Object.keys(procs).length;   // no managed models (or an older Jano)
+    if (panel.hidden) { sv.model = null; return; }
+    const names = serverModels(st, procs);
+    if (!names.includes(sv.model)) {
+      sv.model = names.length ? names[0] : null;
+      sv.log = null;
+      sv.logError = null;
+    }
+    const pick = $("server-pick");
+    pick.hidden = names.length < 2;
+    update(pick, [names, sv.model], () => (names.length < 2 ? [] : names.map((m) =>
+      h("button", { type: "button", "data-model": m, "aria-pressed": String(m === sv.model) }, m))));
+    const p = sv.model == null ? null : procs[sv.model];
+    $("server-none").hidden = p != null;
+    $("server-detail").hidden = p == null;
+    if (!p) return;
+    const stateName = typeof p.state === "string" ? p.state : "unknown";
+    const retry = p.retry_at ? Date.parse(p.retry_at) : NaN;
+    const facts = [
+      ["Model", modelName(sv.model)],
+      ["State", h("span", { class: `pstate s-${stateName}`, id: "server-state", "data-testid": "server-state" }, stateName)],
+      ["PID", h("span", { id: "server-pid" }, or(p.pid, String, "not running"))],
+      ["Port", h("span", { id: "server-port" }, or(p.port, String, "not running"))],
+      ["Restarts", h("span", { id: "server-restarts" }, or(p.restarts, String),
+        isNum(p.crashes_in_a_row) && p.crashes_in_a_row > 0 ? h("small", {}, ` (${p.crashes_in_a_row} crashes in a row)`) : "")],
+      ["Started", p.started_at && p.state === "running"
+        ? h("time", { datetime: p.started_at }, `${clock(Date.parse(p.started_at))} (up ${dur(ago(p.started_at))})`) : na("not running")],
+    ];
+    if (isFinite(retry)) facts.push(["Next try", `${clock(retry)} (in ${dur((retry - nowMs()) / 1000)})`]);
+    if (p.last_exit) facts.push(["Last exit", p.last_exit]);
+    update($("server-facts"), facts.map(([k, v]) => [k, v instanceof Node ? v.textContent : String(v)]),
+      () => facts.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
+    $("server-failure-row").hidden = !p.last_failure;
+    if ($("server-failure").textContent !== (p.last_failure || "")) $("server-failure").textContent = p.last_failure || "";
+    renderServerLog();
+  }
+
+  function renderServerLog() {
+    const sv = state.server, pre = $("server-log");
+    const text = sv.log == null ? "" : sv.log.replace(/\n$/, "");
+    if (pre.textContent !== text) {   // untouched otherwise, so a selection survives the poll
+      pre.textContent = text;
+      pre.scrollTop = pre.scrollHeight;
+    }
+    $("server-log-note").textContent = sv.logError ? `The log cannot be read now (${sv.logError}).`
+      : sv.log === "" ? "No output yet." : "";
+  }
+
+  // The last lines of the server shown, with the telemetry token, once per status refresh.
+  async function loadServerLog() {
+    const sv = state.server, model = sv.model;
+    if (model == null || sv.busy || state.waitingForToken) return;
+    sv.busy = true;
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), 5000);
+    let log = null, error = null;
+    try {
+      const r = await fetch(BASE + serverPath(model), { cache: "no-store", signal: ctl.signal,
+        headers: { Accept: "text/plain", ...bearer(readToken()) } });
+      if (r.ok) log = await r.text();
+      else error = `HTTP ${r.status}`;
+    } catch (e) {
+      error = e.name === "AbortError" ? "Jano does not answer" : e.message;
+    } finally {
+      clearTimeout(timer);
+      sv.busy = false;
+    }
+    if (sv.model !== model) return;   // another server was picked meanwhile
+    if (log != null) sv.log = log;
+    sv.logError = error;
+    renderServerLog();
+  }
+
+  $("server-pick").addEventListener("click", (ev) => {
+    const b = ev.target.closest("button[data-model]");
+    if (!b || b.dataset.model === state.server.model) return;
+    Object.assign(state.server, { model: b.dataset.model, log: null, logError: null });
+    render();
+    loadServerLog();
+  });
 
   /* -- start ------------------------------------------------------------ */
 
