@@ -63,36 +63,45 @@ class Options(usage.Options):
                 raise SystemExit(f"jano: bad listen endpoint {listen!r}: {e}") from None
 
 
+#: Seconds each demo server pretends to load its model (``/health`` answers 503 meanwhile).
+DEMO_LOAD_SECONDS = 1.0
+
+
+def demo_models() -> tuple[Any, ...]:
+    """The demo's two models: fake llama-servers Jano runs itself, as a user's would be."""
+    import sys
+
+    from jano.config import MANAGED_UPSTREAM
+    from jano.records import ModelSpec
+
+    command = (sys.executable, "-m", "jano.testing", "--port", "{port}", "--model", "{model}",
+               "--quiet", "--gen-tok-s", "40", "--delay-ms", "25",
+               "--startup-delay", f"{DEMO_LOAD_SECONDS:g}")
+    return tuple(ModelSpec(name=name, upstream=MANAGED_UPSTREAM, kind="llamacpp",
+                           health="/health", max_concurrency=4, command=command,
+                           stop_timeout=5.0)
+                 for name in DEMO_MODELS)
+
+
 def demo_service(reactor: Any, listen: str) -> IService:
-    """Jano in front of two in-process fake model servers with a simulated swap."""
+    """Jano running two fake model servers (``python -m jano.testing``) as managed models."""
     import os
     import tempfile
 
-    from jano.config import (DEFAULT_LISTEN, SchedulerConfig, ServerConfig, SwapConfig,
-                             TelemetryConfig)
-    from jano.demo import FakeModelServer, SimulatedSwapper
-    from jano.records import ModelSpec
+    from jano.config import DEFAULT_LISTEN, SchedulerConfig, ServerConfig, TelemetryConfig
     from jano.service import JanoService
-    from jano.web.site import JanoSite
 
-    servers = {}
-    specs = []
-    for name in DEMO_MODELS:
-        fake = FakeModelServer(reactor, models=(name,), flavor="llamacpp", gen_tok_s=40.0,
-                               default_delay=0.025)
-        site = JanoSite(fake.resource())  # no access log, bounded bodies
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        servers[name] = fake
-        specs.append(ModelSpec(name=name, upstream=f"http://127.0.0.1:{port.getHost().port}",
-                               kind="llamacpp", health="/health", max_concurrency=4))
     # The demo's history lives in a temporary file: it works like the real one, and goes.
     database = os.path.join(tempfile.mkdtemp(prefix="jano-demo-"), "usage.sqlite3")
-    config = Config(models=tuple(specs), server=ServerConfig(listen=listen or DEFAULT_LISTEN),
-                    scheduler=SchedulerConfig(max_wait=30.0), swap=SwapConfig(()),
+    config = Config(models=demo_models(), server=ServerConfig(listen=listen or DEFAULT_LISTEN),
+                    scheduler=SchedulerConfig(max_wait=30.0, ready_timeout=60.0),
                     telemetry=TelemetryConfig(database=database), demo=True)
-    log.info("demo mode: simulated models {models} on {upstreams}; swaps take ~1.5 s",
-             models=", ".join(DEMO_MODELS), upstreams=", ".join(s.upstream for s in specs))
-    return JanoService(config, reactor, swapper=SimulatedSwapper(reactor, servers, delay=1.5))
+    service = JanoService(config, reactor)
+    log.info("demo mode: Jano runs {models} as fake llama-servers on {upstreams}; each "
+             "takes ~{load:g} s to load", models=", ".join(DEMO_MODELS),
+             upstreams=", ".join(s.upstream for s in service.config.models),
+             load=DEMO_LOAD_SECONDS)
+    return service
 
 
 def makeService(options: Options) -> IService:

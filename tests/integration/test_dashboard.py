@@ -201,6 +201,11 @@ def test_dashboard_shows_the_demo_box_live(tmp_path: Path, browser: Any) -> None
 
         _wait(browser, "live numbers after a swap", live)
         assert _text(browser, "#swaps-hour") == "4"
+        # The demo's servers are processes Jano runs: the resident one's log is on the page.
+        _wait(browser, "the resident server's log",
+              lambda d: "server is listening" in _text(d, "#server-log"))
+        assert browser.find_element("id", "server-panel").is_displayed()
+        assert "demo-coder" in _text(browser, "#server-panel")
         rows = [r.get_attribute("textContent") for r in _rows(browser)]
         assert "demo-coder" in rows[0] and "200" in rows[0] and "completed" in rows[0]
         assert "demo-chat" in rows[-1] and "stream" in rows[-1]
