@@ -107,3 +107,12 @@ def test_a_group_budget_needs_every_model_to_state_its_memory_and_fit() -> None:
     with pytest.raises(ConfigError, match="groups.gpu0.vram: unknown key"):
         parse_config({**base, "groups": {"gpu0": {"vram": 1}},
                       "models": [{"name": "a", "upstream": "http://127.0.0.1:1"}]})
+
+
+def test_the_shipped_example_config_loads() -> None:
+    from jano.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "etc" / "jano.toml")
+    assert [m.name for m in cfg.models if m.managed] == ["qwen-chat", "qwen-coder"]
+    assert cfg.groups["gpu0"].memory == 24576
