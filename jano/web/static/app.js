@@ -304,11 +304,19 @@
       ? `since ${clock(Date.parse(st.currentModelLoadedAt))} (${dur(ago(st.currentModelLoadedAt))})` : "";
 
     const groups = Object.entries(st.groups || {});
-    const many = groups.length > 1;
+    const budgeted = groups.some(([, g]) => g.memoryBudgetMiB != null);
+    const many = groups.length > 1 || budgeted;
+    const gib = (mib) => `${(mib / 1024).toFixed(mib % 1024 ? 1 : 0)} GiB`;
+    const residents = (g) => (g.residents && g.residents.length ? g.residents
+      : g.resident != null ? [g.resident] : []);
     $("groups").hidden = !many;
     $("groups").replaceChildren(...(!many ? [] : groups.map(([name, g]) => h("li", { "data-group": name },
       h("span", { class: "muted" }, `${name}: `),
-      g.resident != null ? modelName(g.resident) : naText("nothing loaded"),
+      ...(residents(g).length ? residents(g).flatMap((m, i) => (i ? [", ", ...modelName(m)] : modelName(m)))
+        : [naText("nothing loaded")]),
+      g.memoryBudgetMiB != null ? h("span", { class: "muted", "data-testid": "group-memory",
+        title: "the memory the configuration states for each model, not a measurement" },
+        ` · ${gib(g.memoryUsedMiB || 0)} of ${gib(g.memoryBudgetMiB)} configured`) : "",
       g.loadedAt ? h("span", { class: "muted" }, ` since ${clock(Date.parse(g.loadedAt))}`) : "",
       g.swapInProgress ? h("span", { class: "tag busy" }, `loading ${g.swapInProgress.to}`) : ""))));
 
@@ -717,7 +725,8 @@
   // The servers worth showing: each resident model's, when Jano runs it, first; then any
   // other of Jano's servers that is not simply stopped (starting, or crashed and to retry).
   function serverModels(st, procs) {
-    const names = new Set(Object.values(st.groups || {}).map((g) => g && g.resident)
+    const names = new Set(Object.values(st.groups || {})
+      .flatMap((g) => (g && (g.residents && g.residents.length ? g.residents : [g.resident])) || [])
       .filter((m) => m != null && procs[m]).sort());
     for (const m of Object.keys(procs).sort()) if (procs[m] && procs[m].state !== "stopped") names.add(m);
     return [...names];
