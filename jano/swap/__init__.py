@@ -9,12 +9,23 @@ switch was made".  It then polls the target model's health URL until it
 answers 200.  Anything else ends in one :class:`SwapError` whose ``cause`` is a
 single line fit for a client's 503 answer.
 
+Models with a ``command`` are *managed*: Jano runs their servers itself, and
+a swap stops one process and starts the next (:mod:`jano.swap.managed`).
+
 The package follows a swap from configuration to readiness:
 
-* :mod:`jano.swap.command`: check the command at start-up, build its argv;
-* :mod:`jano.swap.process`: the ``ProcessProtocol`` watching one run;
+* :mod:`jano.swap.command`, :mod:`jano.swap.startup`, :mod:`jano.swap.ports`:
+  check the commands and allocate the managed servers' ports at start-up;
+* :mod:`jano.swap.process`: the ``ProcessProtocol`` watching one script run;
 * :mod:`jano.swap.swapper`: :class:`ScriptSwapper`, one attempt per swap;
-* :mod:`jano.swap.probe`: the readiness probe over HTTP;
+* :mod:`jano.swap.child`, :mod:`jano.swap.logring`, :mod:`jano.swap.supervisor`:
+  one managed server as a child process, its output, and the table of them;
+* :mod:`jano.swap.managed`: :class:`~jano.swap.managed.ManagedSwapper`, a
+  swap as stop / start / ready (the script for models without a command);
+* :mod:`jano.swap.keeper`: what happens to managed servers outside a swap
+  (``always_on``, crashes, reloads, shutdown);
+* :mod:`jano.swap.ready`, :mod:`jano.swap.probe`: the readiness wait and its
+  HTTP probe;
 * :mod:`jano.swap.health`: :class:`~jano.swap.health.HealthMonitor`, the same
   probe run every few seconds for ``/status`` and ``/metrics``.
 
