@@ -70,51 +70,22 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-try:
-    import jano  # noqa: F401
-except ImportError:  # running as ``python benchmarks/swap_sim.py`` from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from swap_sim_world import (Sim, TimedSwapper, Trace, open_trace, percentile, service_times,
+                            table)
 
-from jano.records import ModelSpec, SwapEvent  # noqa: E402
-from jano.scheduler import Scheduler, Ticket  # noqa: E402
+from jano.records import ModelSpec, SwapEvent
+from jano.scheduler import Scheduler, Ticket
 
 GROUP = "gpu"
 
 
-# --- the policies behind one seam --------------------------------------------------------------
-
-
-class Admission(Protocol):
-    def admit(self, model: str) -> Deferred[Ticket]: ...
-
-    def release(self, ticket: Ticket) -> None: ...
-
-
-class TimedSwapper:
-    """A swap that takes exactly ``cost`` simulated seconds and always works."""
-
-    def __init__(self, clock: Clock, cost: float) -> None:
-        self.clock = clock
-        self.cost = cost
-
-    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.clock.callLater(self.cost, d.callback, None)
-        return d
-
-    def unload(self, group: str, model: ModelSpec) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.clock.callLater(self.cost / 10, d.callback, None)
-        return d
+# --- the fifo reference ------------------------------------------------------------------------
 
 
 class Fifo:
@@ -178,54 +149,6 @@ class Fifo:
 # --- one simulated run ------------------------------------------------------------------------
 
 
-@dataclass
-class Done:
-    model: str
-    arrived: float
-    dispatched: float
-    finished: float
-
-
-@dataclass
-class Sim:
-    """A clock, one admission policy, and what happened to every request."""
-
-    clock: Clock
-    #: The model loaded at t=0 (``None``: the slot is unknown).
-    initial: Optional[str] = None
-    admission: Admission = field(init=False)
-    swaps: list[SwapEvent] = field(default_factory=list)
-    done: list[Done] = field(default_factory=list)
-
-    def resident(self) -> Optional[str]:
-        """The model loaded after the last swap that ended (all of them succeed here)."""
-        return self.swaps[-1].to_model if self.swaps else self.initial
-
-    def submit(self, model: str, service: float,
-               then: Optional[Callable[[], None]] = None) -> None:
-        arrived = self.clock.seconds()
-
-        def start(ticket: Ticket) -> None:
-            dispatched = self.clock.seconds()
-
-            def finish() -> None:
-                self.admission.release(ticket)
-                self.done.append(Done(model, arrived, dispatched, self.clock.seconds()))
-                if then is not None:
-                    then()
-
-            self.clock.callLater(service, finish)
-
-        self.admission.admit(model).addCallback(start)
-
-    def run(self) -> None:
-        while True:
-            calls = self.clock.getDelayedCalls()
-            if not calls:
-                return
-            self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
-
-
 def make_sim(policy: str, models: Sequence[ModelSpec], swap_cost: float, max_wait: float,
              collate: float, initial: Optional[str] = None) -> Sim:
     """``initial``: the model resident when the run starts (``None``: the slot is unknown)."""
@@ -244,27 +167,12 @@ def make_sim(policy: str, models: Sequence[ModelSpec], swap_cost: float, max_wai
 
 # --- traces -----------------------------------------------------------------------------------
 
-#: A trace schedules its requests on a Sim; it must draw nothing random itself.
-Trace = Callable[[Sim], None]
-
-
 class Workload(NamedTuple):
     """The models of one scenario (in table order), its trace, and who is resident at t=0."""
 
     models: list[str]
     trace: Trace
     resident: Optional[str] = None
-
-
-def service_times(rng: random.Random, n: int, mean: float) -> list[float]:
-    return [mean * rng.uniform(0.5, 1.5) for _ in range(n)]
-
-
-def open_trace(arrivals: Sequence[tuple[float, str]], services: Sequence[float]) -> Trace:
-    def schedule(sim: Sim) -> None:
-        for (at, model), service in zip(arrivals, services):
-            sim.clock.callLater(at, sim.submit, model, service)
-    return schedule
 
 
 def mixed_burst(rng: random.Random, service: float) -> Workload:
