@@ -77,10 +77,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from swap_sim_world import (Sim, TimedSwapper, Trace, open_trace, percentile, service_times,
-                            table)
+                            table)  # first: it puts the checkout on sys.path if needed
 
-from jano.records import ModelSpec, SwapEvent
-from jano.scheduler import Scheduler, Ticket
+from jano.records import ModelSpec, SwapEvent  # noqa: E402
+from jano.scheduler import Scheduler, Ticket  # noqa: E402
 
 GROUP = "gpu"
 
@@ -166,6 +166,7 @@ def make_sim(policy: str, models: Sequence[ModelSpec], swap_cost: float, max_wai
 
 
 # --- traces -----------------------------------------------------------------------------------
+
 
 class Workload(NamedTuple):
     """The models of one scenario (in table order), its trace, and who is resident at t=0."""
@@ -291,11 +292,6 @@ POLICIES = ("fifo", "no-guard", "jano-collate0", "jano")
 # --- report -----------------------------------------------------------------------------------
 
 
-def p99(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
-
-
 def simulate(scenario: str, policy: str, args: argparse.Namespace) -> list[str]:
     rng = random.Random(f"{args.seed}:{scenario}")  # the same trace for every policy
     names, trace, resident = SCENARIOS[scenario](rng, args.service, args.swap_cost)
@@ -310,22 +306,12 @@ def simulate(scenario: str, policy: str, args: argparse.Namespace) -> list[str]:
         f"{n} {max(d.dispatched - d.arrived for d in sim.done if d.model == n):.0f}"
         for n in names)
     return [scenario, policy, str(len(sim.done)), str(len(sim.swaps)), f"{makespan:.1f}",
-            f"{sum(waits) / len(waits):.1f}", f"{p99(waits):.1f}", f"{max(waits):.1f}",
+            f"{sum(waits) / len(waits):.1f}", f"{percentile(waits, 0.99):.1f}", f"{max(waits):.1f}",
             per_model]
 
 
-def table(rows: Sequence[Sequence[str]]) -> str:
-    head = ["scenario", "policy", "requests", "swaps", "makespan s", "mean wait s",
-            "p99 wait s", "max wait s", "max wait by model s"]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i < 2 or i == 8 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ":" if 2 <= i < 8 else "-" * (w + 2)
-                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(head), rule, *(line(r) for r in rows)])
+HEAD = ["scenario", "policy", "requests", "swaps", "makespan s", "mean wait s", "p99 wait s",
+        "max wait s", "max wait by model s"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -346,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"swap cost {args.swap_cost:g}s, service {args.service:g}s x U(0.5,1.5), "
           f"concurrency {args.concurrency}, max_wait {args.max_wait:g}s, "
           f"collate {args.collate:g}s, seed {args.seed}\n")
-    print(table(rows))
+    print(table(HEAD, rows, text=(0, 1, 8)))
     print(f"\njano: the real Scheduler (collate {args.collate:g}s).  jano-collate0: the real "
           f"Scheduler with collate=0.  no-guard: the real Scheduler with max_wait=inf "
           f"(collate {args.collate:g}s).  fifo: a reference simulator in this file (strict "

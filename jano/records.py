@@ -9,7 +9,7 @@ differences of those.  ``None`` always means "not observed", never zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, Sequence
 
 BackendKind = Literal["llamacpp", "ollama", "openai"]
 
@@ -54,6 +54,14 @@ class ModelSpec:
     #: MiB the model needs once loaded (``groups.<name>.memory`` budgets);
     #: ``None``: not stated.
     memory: Optional[int] = None
+    #: For a replica (one of several instances serving one model, see
+    #: :mod:`jano.scheduler.replicas`): the name clients use; ``None``: the
+    #: model serves under its own name.
+    serves: Optional[str] = None
+    #: For the model clients see when replicas serve it: its replicas' names, in
+    #: configuration order.  Such a spec is never admitted nor forwarded to
+    #: itself (its ``upstream`` is empty); each replica is.
+    replicas: tuple[str, ...] = ()
 
     @property
     def health_url(self) -> str:
@@ -63,6 +71,38 @@ class ModelSpec:
     def managed(self) -> bool:
         """Jano starts and stops this model's server itself."""
         return bool(self.command)
+
+    @property
+    def public_name(self) -> str:
+        """The name clients use for what this spec serves."""
+        return self.serves if self.serves is not None else self.name
+
+
+def client_models(specs: Sequence[ModelSpec]) -> tuple[ModelSpec, ...]:
+    """
+    The models clients see, from the configured instances: a model without
+    replicas as it is; the replicas of one model as one spec, at the place of
+    the first, with their ``replicas`` named, the sum of their
+    ``max_concurrency``, their groups joined by ``+`` (no group has that
+    name, so nothing mistakes it for one) and no upstream.
+    """
+    out: list[ModelSpec] = []
+    done: set[str] = set()
+    for spec in specs:
+        served = spec.serves
+        if served is None:
+            out.append(spec)
+            continue
+        if served in done:
+            continue
+        done.add(served)
+        reps = [r for r in specs if r.serves == served]
+        out.append(ModelSpec(
+            name=served, upstream="", kind=spec.kind, health=spec.health,
+            max_concurrency=sum(r.max_concurrency for r in reps),
+            group="+".join(r.group for r in reps), always_on=all(r.always_on for r in reps),
+            ttl=spec.ttl, memory=spec.memory, replicas=tuple(r.name for r in reps)))
+    return tuple(out)
 
 
 UsageSource = Literal["llamacpp-timings", "openai-usage", "ollama"]
@@ -186,6 +226,14 @@ class Ticket:
     dispatched_at: Optional[float] = None
     #: A swap of the model's group ran (or was running) between arrival and dispatch.
     waited_for_swap: bool = False
+    #: The instance the request was dispatched to (set by the scheduler): the
+    #: model itself, or the replica chosen for it; its upstream gets the request.
+    served_by: Optional[ModelSpec] = None
+    #: Replicas given up on before this one (their swap failed, they went down).
+    failovers: int = 0
+    #: When the request was queued again on another replica after the last
+    #: failover (``None``: never); ``arrived_at`` stays its arrival at Jano.
+    requeued_at: Optional[float] = None
 
     @property
     def queue_wait(self) -> Optional[float]:
@@ -219,6 +267,8 @@ class ModelState:
     #: When this idle resident will be unloaded (its TTL); ``None`` if not idle,
     #: not resident or no TTL.
     unload_at: Optional[float] = None
+    #: For a replica: the model it serves (see :attr:`ModelSpec.serves`).
+    serves: Optional[str] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +315,9 @@ class SchedulerSnapshot:
     draining: bool = False
     #: When the scheduler last let a request go (``None``: never).
     last_dispatch_at: Optional[float] = None
+    #: Each replica on its own (``models`` holds one entry per model clients
+    #: see, the replicas of one model added up); empty without replicas.
+    replicas: tuple[ModelState, ...] = ()
 
 
 # --- timestamps: the one place clock seconds become wire formats -------------------------

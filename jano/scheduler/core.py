@@ -221,6 +221,22 @@ class Scheduler(Policy):
             self._dirty[g] = None
         self.mark_down(model, cause, seconds)
 
+    def is_loaded(self, model: str) -> bool:
+        """``model`` is loaded now (always, for always_on): cheaper than a snapshot."""
+        m = self._models.get(model)
+        if m is None:
+            return False
+        g = m.group
+        return g is None or g.resident is m or m in g.residents
+
+    def record(self, model: str) -> Optional[Model]:
+        """
+        The scheduler's own record of ``model`` (``None``: not configured), for
+        :mod:`jano.scheduler.replicas` to read; nothing outside this package
+        should, and nobody may change it.
+        """
+        return self._models.get(model)
+
     def snapshot(self) -> SchedulerSnapshot:
         """Everything telemetry shows about queues, slots and swaps, right now."""
         now = self.clock.seconds()

@@ -271,6 +271,7 @@ class Policy(BudgetPlanner):
             m.live -= 1
             t = w.ticket
             t.dispatched_at = now
+            t.served_by = m.spec
             wg = w.group
             if wg is None:
                 t.waited_for_swap = False

@@ -255,6 +255,7 @@ def model_state(m: Model, now: float, residents: set[int],
         service_mean=m.service_mean,
         max_concurrency=spec.max_concurrency,
         unload_at=unload_at,
+        serves=spec.serves,
     )
 
 

@@ -54,7 +54,7 @@ class Rig:
         self.keeper = ServerKeeper(self.reactor, self.swapper,
                                    lambda m, s: self.health.append((m, s)))
         self.scheduler = FakeScheduler()
-        self.keeper.scheduler = self.scheduler  # type: ignore[assignment]
+        self.keeper.scheduler = self.scheduler
 
     def pid(self, model: str) -> Any:
         return self.supervisor.children[model].pid
