@@ -269,3 +269,28 @@ command = {fake()}
         jano.stop(signal.SIGTERM)
 
 
+
+
+def test_a_reload_that_removes_a_model_stops_its_server(tmp_path: Path) -> None:
+    text = config(f"""
+[[models]]
+name = "alpha"
+command = {fake()}
+[[models]]
+name = "beta"
+command = {fake()}
+""")
+    jano = start_jano(tmp_path, text)
+    try:
+        assert chat(jano.url, "alpha")[0] == 200
+        alpha = pid_of(jano.url, "alpha")
+        assert alpha is not None
+        cfg = tmp_path / "jano.toml"
+        cfg.write_text(cfg.read_text().split("[[models]]")[0]
+                       + "[[models]]" + cfg.read_text().split("[[models]]")[2])
+        jano.popen.send_signal(signal.SIGHUP)
+        wait_until(lambda: not alive(alpha), 10, "the removed model's server to stop")
+        assert "alpha" not in [m["id"] for m in json.loads(get(jano.url + "/v1/models")[2])["data"]]
+        assert chat(jano.url, "beta")[0] == 200
+    finally:
+        jano.stop(signal.SIGTERM)
