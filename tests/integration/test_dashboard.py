@@ -241,6 +241,16 @@ def test_dashboard_shows_the_demo_box_live(tmp_path: Path, browser: Any) -> None
         assert shown["cells"][3:8] == [NOT_REPORTED, NOT_REPORTED, NOT_REPORTED,
                                        f"{NOT_REPORTED} → {NOT_REPORTED}", NOT_REPORTED]
         assert shown["cells"][8] == "backend error"
+
+        # A crashed server's cause is on the page, word for word.
+        st = json.loads(get(jano.url + "/status")[2])
+        st["processes"]["demo-coder"].update(state="crashed", last_failure="demo-coder killed by "
+                                             "signal 9 (SIGKILL): CUDA error: out of memory")
+        failure = browser.execute_script(
+            "janoDashboard.show(arguments[0], arguments[1]);"
+            "return document.getElementById('server-failure').textContent;", st,
+            {"data": [], "limit": 20})
+        assert failure == "demo-coder killed by signal 9 (SIGKILL): CUDA error: out of memory"
     finally:
         jano.stop()
 
