@@ -446,7 +446,7 @@ def test_nonstreamed_answer_waits_for_the_whole_generation() -> None:
 
 def raw_request(server: FakeModelServer, path: str, body: Any,
                 headers: str = "") -> tuple[Any, StringTransport]:
-    site = Site(server.resource())
+    site = Site(server.resource(), reactor=Clock())  # its idle timeout never on the global reactor
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -674,7 +674,8 @@ def test_swap_to_a_model_without_a_server_fails() -> None:
 
 
 def raw_get(server: FakeModelServer, path: str) -> StringTransport:
-    protocol = Site(server.resource()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    protocol = Site(server.resource(), reactor=Clock()).buildProtocol(
+        IPv4Address("TCP", "127.0.0.1", 40001))
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b"GET %s HTTP/1.1\r\nHost: fake\r\n\r\n" % path.encode())
