@@ -1,20 +1,25 @@
 """
-Replay request traces under a simulated clock and compare ordering policies.
+Replay request traces under a simulated clock and compare ordering policies,
+memory budgets and GPU layouts.
 
 Run from the checkout::
 
     PYTHONPATH=. python benchmarks/swap_sim.py --swap-cost 20 --service 4 --max-wait 60 --seed 1
 
-(those are the defaults, as is ``--collate 0.25``).
+(those are the defaults, as is ``--collate 0.25``; ``--only a,b`` runs only
+the scenarios named).  It prints two Markdown tables: the policies below on
+one swap group, then the layouts of ``swap_sim_gpus.py`` (a 24 GiB memory
+budget against one model per GPU, two GPUs against one, replicas), whose
+docstring describes those traces.  The same arguments print the same tables.
 
-Everything runs on a ``twisted.internet.task.Clock``: a swap takes exactly
-``--swap-cost`` seconds, a request holds its slot for its service time (drawn
-once per request, the same draw for every policy: ``--service`` x
-uniform(0.5, 1.5), except in the jitter traces), and a model serves
-``--concurrency`` requests at a time.  Waits are from arrival to dispatch.
-The output is a Markdown table; the same arguments print the same table.
+Everything runs on a ``twisted.internet.task.Clock`` (``swap_sim_world.py``):
+a swap takes exactly ``--swap-cost`` seconds, a request holds its slot for its
+service time (drawn once per request, the same draw for every policy:
+``--service`` x uniform(0.5, 1.5), except in the jitter traces), and a model
+serves ``--concurrency`` requests at a time.  Waits are from arrival to
+dispatch.
 
-Policies:
+Policies (first table):
 
 - ``fifo``: *not* Jano code; a tiny reference simulator in this file: one
   queue per group in arrival order, the head goes first, and every change of
@@ -76,11 +81,12 @@ from typing import Callable, NamedTuple, Optional, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+import swap_sim_gpus
 from swap_sim_world import (Sim, TimedSwapper, Trace, open_trace, percentile, service_times,
-                            table)  # first: it puts the checkout on sys.path if needed
+                            table)  # it puts the checkout on sys.path if needed
 
-from jano.records import ModelSpec, SwapEvent  # noqa: E402
-from jano.scheduler import Scheduler, Ticket  # noqa: E402
+from jano.records import ModelSpec, SwapEvent
+from jano.scheduler import Scheduler, Ticket
 
 GROUP = "gpu"
 
@@ -327,17 +333,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="requests a model serves at once (4)")
     parser.add_argument("--seed", type=int, default=1, help="trace seed (1)")
+    parser.add_argument("--only", metavar="SCENARIO[,...]",
+                        help="run only these scenarios (of either table)")
     args = parser.parse_args(argv)
-    rows = [simulate(s, p, args) for s in SCENARIOS for p in POLICIES]
+    every = [*SCENARIOS, *swap_sim_gpus.SCENARIOS]
+    only = every if args.only is None else args.only.split(",")
+    unknown = sorted(set(only) - set(every))
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(every)}")
     print(f"swap cost {args.swap_cost:g}s, service {args.service:g}s x U(0.5,1.5), "
           f"concurrency {args.concurrency}, max_wait {args.max_wait:g}s, "
-          f"collate {args.collate:g}s, seed {args.seed}\n")
-    print(table(HEAD, rows, text=(0, 1, 8)))
-    print(f"\njano: the real Scheduler (collate {args.collate:g}s).  jano-collate0: the real "
-          f"Scheduler with collate=0.  no-guard: the real Scheduler with max_wait=inf "
-          f"(collate {args.collate:g}s).  fifo: a reference simulator in this file (strict "
-          "arrival order, one swap per model change), not Jano code.  jitter-*: service "
-          "U(5,50) ms, each burst led by the model not resident when it begins.")
+          f"collate {args.collate:g}s, seed {args.seed}")
+    rows = [simulate(s, p, args) for s in SCENARIOS if s in only for p in POLICIES]
+    if rows:
+        print("\n" + table(HEAD, rows, text=(0, 1, 8)))
+        print(f"\njano: the real Scheduler (collate {args.collate:g}s).  jano-collate0: the real "
+              f"Scheduler with collate=0.  no-guard: the real Scheduler with max_wait=inf "
+              f"(collate {args.collate:g}s).  fifo: a reference simulator in this file (strict "
+              "arrival order, one swap per model change), not Jano code.  jitter-*: service "
+              "U(5,50) ms, each burst led by the model not resident when it begins.")
+    rows = [r for s in swap_sim_gpus.SCENARIOS if s in only
+            for r in swap_sim_gpus.simulate(s, args)]
+    if rows:
+        print("\n" + table(swap_sim_gpus.HEAD, rows, text=swap_sim_gpus.TEXT))
+        print(f"\nEvery layout: the real Scheduler (max_wait {args.max_wait:g}s, collate "
+              f"{args.collate:g}s), replicas (a model on two GPUs) chosen by "
+              "jano.scheduler.replicas.Replicas, nothing loaded at t=0.  A GPU without a "
+              "budget holds one model at a time.  loads: loads that ended, the first of each "
+              "model included.  evictions: models stopped to make room.  over bound: requests "
+              "that waited longer than max_wait + swap cost + the longest service time of the "
+              "run.  Every load takes the swap cost whatever the model's size, and co-resident "
+              "models do not slow each other down here.")
     return 0
 
 

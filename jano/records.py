@@ -269,6 +269,8 @@ class ModelState:
     unload_at: Optional[float] = None
     #: For a replica: the model it serves (see :attr:`ModelSpec.serves`).
     serves: Optional[str] = None
+    #: For a replica: its upstream, without credentials (:func:`public_url`).
+    upstream: Optional[str] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +320,22 @@ class SchedulerSnapshot:
     #: Each replica on its own (``models`` holds one entry per model clients
     #: see, the replicas of one model added up); empty without replicas.
     replicas: tuple[ModelState, ...] = ()
+
+
+def public_url(url: str) -> str:
+    """``url`` fit to show on ``/status``: scheme, host, port and path; never credentials."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 # --- timestamps: the one place clock seconds become wire formats -------------------------

@@ -28,7 +28,7 @@ from jano.errors import SwapCommandError
 from jano.forward import Forwarder
 from jano.forward.agent import make_agent, make_pool
 from jano.records import HealthState, ModelSpec, SwapEvent
-from jano.scheduler import Scheduler
+from jano.scheduler import Replicas, Scheduler
 from jano.swap import ScriptSwapper, http_probe
 from jano.swap.health import HealthMonitor
 from jano.swap.keeper import ServerKeeper
@@ -125,14 +125,19 @@ class JanoService(MultiService):
                                    collate=config.scheduler.collate,
                                    min_residency=config.scheduler.min_residency,
                                    ttl=config.scheduler.ttl, budgets=_budgets(config))
+        #: The scheduler's seam as clients' names need it: a model served by
+        #: replicas goes to one of them.  The keeper and health probes use
+        #: the scheduler itself, which knows each replica as a model.
+        self.replicas = Replicas(self.scheduler, reactor, config.models,
+                                 health=lambda: self.health.states())
         self.health = HealthMonitor(reactor, config.models, probe,
                                     interval=config.telemetry.health_interval,
                                     is_resident=self._is_resident)
         self.health.setServiceParent(self)
         if self.keeper is not None:
             self.keeper.scheduler = self.scheduler
-        self.telemetry = Telemetry(reactor, config.models, version=__version__,
-                                   snapshot=self.scheduler.snapshot, health=self._health_states,
+        self.telemetry = Telemetry(reactor, config.client_models(), version=__version__,
+                                   snapshot=self.replicas.snapshot, health=self._health_states,
                                    usage_ring=config.telemetry.usage_ring,
                                    max_wait=config.scheduler.max_wait,
                                    stuck_after=_stuck_after(config),
@@ -152,7 +157,7 @@ class JanoService(MultiService):
         self.telemetry.store = self.store
         HistorySampler(reactor, self.telemetry.sample, self.store).setServiceParent(self)
         srv = config.server
-        self.forwarder = Forwarder(agent, reactor, self.scheduler, self.telemetry,
+        self.forwarder = Forwarder(agent, reactor, self.replicas, self.telemetry,
                                    upstream_timeout=srv.upstream_timeout,
                                    idle_write_timeout=srv.idle_write_timeout,
                                    strip_authorization=not _keys(config).open,
@@ -161,8 +166,9 @@ class JanoService(MultiService):
                                    stall_cooldown=srv.stall_cooldown,
                                    request_id_header=srv.request_id_header.encode("latin-1")
                                    or None)
-        self.app = JanoApp(config.models, self.forwarder, self.telemetry, self._fallback,
-                           lifecycle=self.scheduler, clock=reactor, store=self.store,
+        self.forwarder.instance_for = self.replicas.instance_for
+        self.app = JanoApp(config.client_models(), self.forwarder, self.telemetry, self._fallback,
+                           lifecycle=self.replicas, clock=reactor, store=self.store,
                            keys=_keys(config), admin_key=config.server.admin_key,
                            telemetry_key=config.server.telemetry_key, started_at=started_at,
                            usage_ring=config.telemetry.usage_ring,
@@ -222,31 +228,33 @@ class JanoService(MultiService):
               to_model=event.to_model or "(nothing)",
               result=event.result, duration=event.duration,
               error=f" ({event.error})" if event.error else "")
-        self.telemetry.swap_finished(event)
+        self.telemetry.swap_finished(self.replicas.public_event(event))
         if event.result == "ok" and event.to_model is not None:  # it waited for health 200
             self.health.observed(event.to_model, "up")
         elif event.kind == "unload" and event.from_model is not None:
             self.health.observed(event.from_model, "unloaded")
 
     def _health_states(self) -> Mapping[str, HealthState]:
-        """The probes' view, with the models the forward stage found stalled."""
+        """
+        The probes' view, with the models the forward stage found stalled;
+        for a model served by replicas, each replica's and the model's (the
+        best of its replicas').
+        """
         states: dict[str, HealthState] = dict(self.health.states())
         for model in self.forwarder.stalled_now():
             states[model] = "stalled"
-        return states
-
-    def _residents(self) -> Mapping[str, tuple[str, ...]]:
-        return {g.name: g.residents for g in self.scheduler.snapshot().groups}
+        return self.replicas.health_of(states)
 
     def _is_resident(self, spec: ModelSpec) -> bool:
-        return spec.always_on or spec.name in self._residents().get(spec.group, ())
+        return spec.always_on or self.scheduler.is_loaded(spec.name)
 
     def _fallback(self) -> Optional[ModelSpec]:
         """The loaded model for requests that name none: the first group's resident, else the first model."""
         models = self.app.models
-        residents = self._residents()
+        loaded = {m.name for m in self.replicas.snapshot().models
+                  if m.resident and not m.always_on}
         for spec in models:
-            if not spec.always_on and spec.name in residents.get(spec.group, ()):
+            if not spec.always_on and spec.name in loaded:
                 return spec
         return models[0] if models else None
 
@@ -273,6 +281,8 @@ class JanoService(MultiService):
         if new.server.listen != old.server.listen:
             self.log.warn("server.listen changed to {listen}: takes effect at the next restart",
                           listen=new.server.listen)
+        # Replicas first: requests of removed replicas fail over to the new ones.
+        self.replicas.set_models(new.models)
         self.scheduler.reconfigure(new.models, max_wait=new.scheduler.max_wait,
                                    max_queue=new.scheduler.max_queue,
                                    collate=new.scheduler.collate,
@@ -285,7 +295,7 @@ class JanoService(MultiService):
                 self.keeper.scheduler = self.scheduler
                 self.telemetry.set_processes(self.keeper.supervisor.statuses)
                 self.keeper.reload(new.models)
-        self.telemetry.set_models(new.models)
+        self.telemetry.set_models(new.client_models())
         self.health.set_models(new.models)
         self.forwarder.upstream_timeout = new.server.upstream_timeout
         self.forwarder.stall_timeout = new.server.stall_timeout
@@ -309,7 +319,7 @@ class JanoService(MultiService):
         app.admin_key = new.server.admin_key
         app.telemetry_key = new.server.telemetry_key
         app.thrash_swaps_per_hour = new.telemetry.thrash_swaps_per_hour
-        app.set_models(new.models)
+        app.set_models(new.client_models())
         self.config = new
         self.log.info("config reloaded from {source}: {n} models", source=new.source,
                       n=len(new.models))
@@ -327,7 +337,7 @@ class JanoService(MultiService):
             self.keeper.start(self.config.models)
         for name in self.config.scheduler.preload:
             self.log.info("preloading {model}", model=name)
-            self.scheduler.load(name).addErrback(self._preload_failed, name)
+            self.replicas.load(name).addErrback(self._preload_failed, name)
 
     def _preload_failed(self, failure: Any, name: str) -> None:
         self.log.warn("preloading {model} failed: {cause}", model=name,

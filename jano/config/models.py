@@ -7,6 +7,7 @@ each model is, how Jano runs the servers it manages, and what each group
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -16,8 +17,10 @@ from jano.records import DEFAULT_HEALTH, ModelSpec
 
 __all__ = ["parse_models", "parse_processes", "parse_groups", "parse_memory", "MANAGED_UPSTREAM"]
 
-_MODEL_KEYS = ("name", "upstream", "kind", "health", "max_concurrency", "group", "always_on",
-               "ttl", "command", "env", "cwd", "stop_timeout", "port", "memory")
+_MODEL_KEYS = ("name", "upstream", "upstreams", "kind", "health", "max_concurrency", "group",
+               "always_on", "ttl", "command", "env", "cwd", "stop_timeout", "port", "memory")
+#: What one replica (a table in ``upstreams``) may set for itself; the rest is the model's.
+_REPLICA_KEYS = ("url", "group", "command", "env", "cwd", "port", "max_concurrency", "memory")
 
 #: The upstream of a managed model that names none.
 MANAGED_UPSTREAM = "http://127.0.0.1:{port}"
@@ -106,10 +109,15 @@ def _env(m: Mapping[str, Any], path: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(env.items()))
 
 
+def _name(m: Mapping[str, Any], path: str) -> str:
+    name: str = get(m, "name", path, str, None,
+                    lambda v: None if v.strip() == v and v else
+                    "expected a non-empty name without surrounding spaces")
+    return name
+
+
 def _model(m: Mapping[str, Any], path: str, base: Path) -> ModelSpec:
-    name = get(m, "name", path, str, None,
-               lambda v: None if v.strip() == v and v else
-               "expected a non-empty name without surrounding spaces")
+    name = _name(m, path)
     path = f"{path} ({name})"
     command = _argv(m, path)
     managed = bool(command)
@@ -159,28 +167,94 @@ def _model(m: Mapping[str, Any], path: str, base: Path) -> ModelSpec:
     )
 
 
+def _replicas(m: Mapping[str, Any], path: str, base: Path) -> list[ModelSpec]:
+    """
+    ``upstreams``: one spec per replica, named ``<name>@<group>`` (``<name>@<n>``,
+    n from 1, for a replica without a group, which then is its own group).  A
+    replica is the model's table with its own ``url`` as ``upstream`` and its
+    own keys (:data:`_REPLICA_KEYS`) on top; ``{model}`` in its command is the
+    model's name, as clients send it.
+    """
+    name = _name(m, path)
+    where = f"{path} ({name})"
+    if "upstream" in m:
+        raise ConfigError(f"{where}.upstreams: give upstream or upstreams, not both")
+    for key in ("group", "port"):
+        if key in m:
+            raise ConfigError(f"{where}.{key}: each replica has its own; give it in upstreams "
+                              f"({{ url = \"http://...\", {key} = ... }})")
+    raw = m["upstreams"]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}.upstreams: expected a non-empty array of URLs or tables "
+                          "({ url = \"http://host-a:8080\", group = \"host-a\" })")
+    specs: list[ModelSpec] = []
+    for j, entry in enumerate(raw):
+        rpath = f"{where}.upstreams[{j}]"
+        if isinstance(entry, str):
+            entry = {"url": entry}
+        elif not isinstance(entry, dict):
+            raise ConfigError(f"{rpath}: expected a URL or a table with url, got "
+                              f"{type_name(entry)}")
+        check_keys(entry, _REPLICA_KEYS, rpath)
+        group = get(entry, "group", rpath, str, None,
+                    lambda v: None if v and "@" not in v and "+" not in v
+                    else "expected a non-empty group name without @ or +")
+        if "url" not in entry and "command" not in entry and "command" not in m:
+            raise ConfigError(f"{rpath}.url: missing (expected the replica's base URL, e.g. "
+                              "http://127.0.0.2:8080, or a command for Jano to run)")
+        replica = f"{name}@{group if group is not None else j + 1}"
+        merged = {k: v for k, v in m.items() if k not in ("upstreams", "name")}
+        merged.update({k: v for k, v in entry.items() if k not in ("url", "group")})
+        if "url" in entry:
+            merged["upstream"] = entry["url"]
+        merged["name"] = replica
+        merged["group"] = group if group is not None else replica
+        try:
+            spec = _model(merged, rpath, base)
+        except ConfigError as e:  # name the key as the user wrote it
+            raise ConfigError(str(e).replace(").upstream:", ").url:")) from None
+        command = spec.command
+        if "{" not in name:  # the server is asked for the model by the name clients use
+            command = tuple(a.replace("{model}", name) for a in command)
+        spec = replace(spec, serves=name, command=command)
+        clash = next((s for s in specs if s.group == spec.group), None)
+        if clash is not None:
+            raise ConfigError(f"{rpath}.group: {spec.group!r} is also {clash.name!r}'s group; "
+                              "two replicas of one model must be in different groups")
+        specs.append(spec)
+    return specs
+
+
 def parse_models(raw_models: object, base: Path) -> list[ModelSpec]:
-    """``[[models]]``: at least one, unique names, fixed ports used once."""
+    """
+    ``[[models]]``: at least one, unique names, fixed ports used once; a
+    model with ``upstreams`` gives one spec per replica (:func:`_replicas`).
+    """
     if raw_models is None or raw_models == []:
         raise ConfigError("models: at least one [[models]] table is required")
     if not isinstance(raw_models, list) or not all(isinstance(m, dict) for m in raw_models):
         raise ConfigError("models: expected an array of tables ([[models]])")
     models: list[ModelSpec] = []
+    names: set[str] = set()
     ports: dict[int, str] = {}
     for i, m in enumerate(raw_models):
         path = f"models[{i}]"
         check_keys(m, _MODEL_KEYS, path)
         if "name" not in m:
             raise ConfigError(f"{path}.name: missing (every model needs a name)")
-        spec = _model(m, path, base)
-        if any(s.name == spec.name for s in models):
-            raise ConfigError(f"{path} ({spec.name}).name: duplicate model name {spec.name!r}")
-        if spec.port is not None:
-            if spec.port in ports:
-                raise ConfigError(f"{path} ({spec.name}).port: {spec.port} is also "
-                                  f"{ports[spec.port]!r}'s port")
-            ports[spec.port] = spec.name
-        models.append(spec)
+        specs = _replicas(m, path, base) if "upstreams" in m else [_model(m, path, base)]
+        for spec in specs:
+            for name in {spec.name, spec.public_name}:
+                if name in names and (name == spec.name or spec is specs[0]):
+                    raise ConfigError(f"{path} ({spec.name}).name: duplicate model name "
+                                      f"{name!r}")
+                names.add(name)
+            if spec.port is not None:
+                if spec.port in ports:
+                    raise ConfigError(f"{path} ({spec.name}).port: {spec.port} is also "
+                                      f"{ports[spec.port]!r}'s port")
+                ports[spec.port] = spec.name
+            models.append(spec)
     return models
 
 

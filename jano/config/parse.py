@@ -109,9 +109,13 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
     if problem:
         raise ConfigError(problem)
 
+    served = {s.serves: s for s in models if s.serves is not None}
     initial: dict[str, str] = {}
     for group, name in initial_raw.items():
         spec = next((s for s in models if s.name == name), None)
+        if spec is None and name in served:
+            raise ConfigError(f"scheduler.initial_model: {name!r} has replicas; name the one "
+                              f"loaded (such as {served[name].name!r}) under its group")
         if spec is None:
             raise ConfigError(f"scheduler.initial_model: {name!r} is not a configured model")
         if group and group != spec.group:
@@ -126,6 +130,12 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
     preloaded_groups: dict[str, str] = {}
     for name in preload_raw:
         spec = next((s for s in models if s.name == name), None)
+        if spec is None and name in served:  # loaded on the replica a request would choose
+            if served[name].always_on:
+                raise ConfigError(f"scheduler.preload: {name!r} is always_on (always loaded "
+                                  "already)")
+            preload.append(name)
+            continue
         if spec is None:
             raise ConfigError(f"scheduler.preload: {name!r} is not a configured model")
         if spec.always_on:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from jano.records import ModelSpec
+from jano.records import ModelSpec, client_models
 
 __all__ = ["DEFAULT_LISTEN", "CallerKey", "Config", "ConfigError", "GroupConfig",
            "ProcessesConfig", "SchedulerConfig", "ServerConfig", "SwapConfig", "TelemetryConfig"]
@@ -137,6 +137,9 @@ class TelemetryConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    #: Every instance Jano schedules: each model, and each replica of a model
+    #: with ``upstreams`` (:attr:`ModelSpec.serves` names its model);
+    #: :meth:`client_models` are the models clients see.
     models: tuple[ModelSpec, ...]
     server: ServerConfig = ServerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -147,6 +150,10 @@ class Config:
     #: Where it was read from (``None``: built in code).
     source: Optional[str] = None
     demo: bool = False
+
+    def client_models(self) -> tuple[ModelSpec, ...]:
+        """The models clients see: the replicas of one model as one (:func:`client_models`)."""
+        return client_models(self.models)
 
     def model(self, name: str) -> Optional[ModelSpec]:
         for spec in self.models:

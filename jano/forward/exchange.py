@@ -74,6 +74,14 @@ class Exchange:
     :param path: the path below Jano's mount point (error shapes, records).
     :param target: what is appended to the model's upstream URL: the path
         and query below the mount point, as received.
+
+    ``spec`` is the model the client named; :attr:`instance` the one the
+    request goes to: the scheduler's choice (``Ticket.served_by``: a replica,
+    when replicas serve the model), else ``spec`` itself.  Clients, usage
+    records and metrics see ``spec``'s name; the stalled circuit counts per
+    instance.  A replica that refuses the connection never saw the request:
+    the replica is refused for a while and the request queued again (on
+    another replica, at most once per replica), instead of answering 502.
     """
 
     log = Logger()
@@ -91,6 +99,8 @@ class Exchange:
         self.done: Deferred[None] = Deferred(lambda _: self._client_lost())
         self.request = request
         self.spec = spec
+        #: Where the request goes (see the class docstring).
+        self.instance = spec
         self.body = body
         self.admit = admit
         self.stream = stream_hint
@@ -110,6 +120,9 @@ class Exchange:
         self._tee: Optional[StreamTee] = None
         self._tail: Optional[TailBuffer] = None
         self._content_type: Optional[bytes] = None
+        #: Times the request was queued again after its replica refused the connection.
+        self._retries = 0
+        self._first_arrival: Optional[float] = None
 
     # --- phases -------------------------------------------------------------------
 
@@ -168,13 +181,22 @@ class Exchange:
         if self.client_gone:
             self._end("client_disconnected")
             return
+        if ticket is not None and self._retries:
+            assert self._first_arrival is not None
+            ticket.requeued_at = ticket.arrived_at
+            ticket.arrived_at = self._first_arrival
+            ticket.failovers += self._retries
+        if ticket is not None and ticket.served_by is not None:
+            self.instance = ticket.served_by
+        elif self.spec.replicas:
+            self.instance = self.fwd.instance_for(self.spec)
         self.phase = "waiting_headers"
         self._forwarded_at = self.fwd.clock.seconds()
         request = self.request
         addr = request.getClientAddress()
         headers = upstream_headers(request.requestHeaders, getattr(addr, "host", None),
                                    self.fwd.strip_authorization)
-        url = self.spec.upstream.encode("ascii") + self.target
+        url = self.instance.upstream.encode("ascii") + self.target
         producer = BytesProducer(self.body) if self.body or request.method in (
             b"POST", b"PUT", b"PATCH") else None
         d = self.fwd.agent.request(request.method, url, headers, producer)
@@ -205,7 +227,7 @@ class Exchange:
             return
         self._stalled = True
         self.log.warn("{model}: no body byte for {t:g}s; dropping the upstream request",
-                      model=self.spec.name, t=self.fwd.stall_timeout)
+                      model=self.instance.name, t=self.fwd.stall_timeout)
         self._tee.stop_upstream()  # its end comes back through _body_ended
 
     def _response(self, response: IResponse) -> None:
@@ -239,12 +261,18 @@ class Exchange:
             self._end("client_disconnected")
             return
         name = self.spec.name
+        instance = self.instance
         if self._timed_out:
             status, msg = 504, (f"upstream for model {name!r} sent no response within "
                                 f"{self.fwd.upstream_timeout:g}s")
-            self.fwd.failed(name, f"got no response headers within {self.fwd.upstream_timeout:g}s")
+            self.fwd.failed(instance.name,
+                            f"got no response headers within {self.fwd.upstream_timeout:g}s")
         elif failure.check(ConnectionRefusedError, ConnectError, DNSLookupError):
             status, msg = 502, f"upstream for model {name!r} refused the connection"
+            if instance.serves is not None:  # its queue may go to the other replicas
+                self.fwd.unreachable(instance.name)
+                if self._queue_again():
+                    return
         elif failure.check(ResponseNeverReceived):
             status, msg = 502, f"upstream for model {name!r} closed the connection without answering"
         else:
@@ -256,6 +284,25 @@ class Exchange:
         write_error(self.request, self.path, status, msg, "upstream_error")
         self._end("upstream_error")
 
+    def _queue_again(self) -> bool:
+        """Queue the request again (it never reached its replica); false when it may not."""
+        if (not self.admit or self.ticket is None
+                or self._retries >= len(self.spec.replicas) - 1):
+            return False
+        self._retries += 1
+        ticket, self.ticket = self.ticket, None
+        if self._first_arrival is None:
+            self._first_arrival = ticket.arrived_at
+        self.fwd.admission.release(ticket)
+        self.log.info("{model}: replica {replica} refused the connection; queueing the request "
+                      "again", model=self.spec.name, replica=self.instance.name)
+        self.instance = self.spec
+        self.phase = "queued"
+        d = self.fwd.admission.admit(self.spec.name)
+        self._waiting = d  # type: ignore[assignment]
+        d.addCallbacks(self._forward, self._not_admitted)
+        return True
+
     def _body_ended(self, completed: bool, first_at: Optional[float], last_at: Optional[float],
                     nbytes: int) -> None:
         if self.client_gone:
@@ -265,11 +312,12 @@ class Exchange:
             # Cut the client's connection too, as a reverse proxy does: a cleanly
             # ended response would pass the truncation off as complete.
             if self._stalled:
-                self.fwd.failed(self.spec.name,
+                self.fwd.failed(self.instance.name,
                                 f"sent no body byte for {self.fwd.stall_timeout:g}s")
             else:
                 self.log.warn("{model}: upstream body ended early after {n} bytes; "
-                              "dropping the client connection", model=self.spec.name, n=nbytes)
+                              "dropping the client connection", model=self.instance.name,
+                              n=nbytes)
             # Klein must not finish the response either: :attr:`done` stays
             # unfired until the connection is gone (Klein then cancels it).
             self._end("upstream_stalled" if self._stalled else "upstream_error", settle=False)
@@ -282,7 +330,7 @@ class Exchange:
             usage = extract_usage(self._tail.getvalue(), ctype, truncated=self._tail.truncated)
             if usage is not None and self.stream:
                 usage = with_router_timing(usage, first_at, last_at)
-        self.fwd.succeeded(self.spec.name)
+        self.fwd.succeeded(self.instance.name)
         self._end("completed", usage)
 
     def _client_stalled(self) -> None:

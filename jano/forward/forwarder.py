@@ -15,7 +15,7 @@ seams, the clock, and the watches no single request can keep itself.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Protocol, cast
+from typing import Callable, Literal, Optional, Protocol, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.logger import Logger
@@ -24,7 +24,7 @@ from twisted.web.server import Request
 
 from jano.errors import Refusal, error_body
 from jano.interfaces import Admission, UsageSink
-from jano.records import LiveRequest, UsageRecord
+from jano.records import LiveRequest, ModelSpec, UsageRecord
 
 __all__ = ["Forwarder", "write_error", "abort_client", "cut_client", "Watched"]
 
@@ -125,6 +125,9 @@ class Forwarder:
         self._streak: dict[str, int] = {}
         #: Stalled models: until when they are refused, and why.
         self.stalled: dict[str, tuple[float, str]] = {}
+        #: The replica a request that needs no admission goes to, for a model
+        #: served by replicas (see :meth:`jano.scheduler.replicas.Replicas.instance_for`).
+        self.instance_for: Callable[[ModelSpec], ModelSpec] = lambda spec: spec
 
     # --- live requests --------------------------------------------------------------------
 
@@ -207,6 +210,17 @@ class Forwarder:
         self.log.warn("{model} {reason}; refusing its requests for {cooldown:g}s",
                       model=model, reason=reason, cooldown=self.stall_cooldown)
         self.admission.mark_down(model, reason, self.stall_cooldown)
+
+    def unreachable(self, replica: str) -> None:
+        """
+        A replica refused the connection (or could not be reached): refuse it
+        for ``stall_cooldown``, so that its queued requests go to the other
+        replicas now, not one by one to a server that is gone.
+        """
+        self.log.warn("replica {replica} is unreachable; its queue goes to the other replicas "
+                      "for {cooldown:g}s", replica=replica, cooldown=self.stall_cooldown)
+        self.admission.mark_down(replica, "its server could not be reached",
+                                 self.stall_cooldown)
 
     def succeeded(self, model: str) -> None:
         if self._streak.pop(model, 0) and model in self.stalled:

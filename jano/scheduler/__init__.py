@@ -107,6 +107,17 @@ A group without one behaves exactly as above.  Per budget group:
 - ``Ticket.waited_for_swap`` is true when the request's own model was loaded
   between its arrival and its dispatch.
 
+Replicas
+--------
+
+A model may be served by several *replicas* (two GPUs, two hosts): each is a
+model of its own here (``qwen-chat@host-a``, in its own group), and
+:class:`~jano.scheduler.replicas.Replicas`, on top of the scheduler with the
+same seam, sends each request to one of them (loaded and least busy first),
+and queues it again on another when its replica becomes unavailable.  The
+rules, and what they do to the wait bound, are in
+:mod:`jano.scheduler.replicas`.
+
 Time comes only from the injected clock.  Waiter Deferreds are fired only from
 one loop (:meth:`jano.scheduler.policy.Policy._run`) after the state they
 depend on is complete, so callbacks may re-enter ``admit``/``release``/``cancel``
@@ -118,7 +129,8 @@ them; :mod:`~jano.scheduler.swaps` runs swaps and unloads;
 :mod:`~jano.scheduler.budget` plans groups with a memory budget and chooses
 what to evict; :mod:`~jano.scheduler.policy` plans the other groups and
 carries the decisions out from the loop; :mod:`~jano.scheduler.core` adds the
-seam and the configuration.
+seam and the configuration; :mod:`~jano.scheduler.replicas` maps a model
+served by replicas to one of them.
 """
 
 from __future__ import annotations
@@ -127,6 +139,7 @@ from jano.errors import Draining, ModelUnavailable, QueueFull
 from jano.interfaces import Swapper
 from jano.records import Ticket
 from jano.scheduler.core import Scheduler
+from jano.scheduler.replicas import Replicas
 from jano.scheduler.state import (
     DEFAULT_RETRY_AFTER,
     EWMA_WEIGHT,
@@ -142,6 +155,7 @@ __all__ = [
     "QueueFull",
     "RETRY_AFTER_MAX",
     "RETRY_AFTER_MIN",
+    "Replicas",
     "Scheduler",
     "Swapper",
     "Ticket",

@@ -221,6 +221,11 @@ class Scheduler(Policy):
             self._dirty[g] = None
         self.mark_down(model, cause, seconds)
 
+    @property
+    def draining(self) -> bool:
+        """:meth:`drain` was called: every admission fails with :class:`Draining`."""
+        return self._draining
+
     def is_loaded(self, model: str) -> bool:
         """``model`` is loaded now (always, for always_on): cheaper than a snapshot."""
         m = self._models.get(model)

@@ -15,7 +15,7 @@ from typing import Callable, Literal, Mapping, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
-from jano.records import GroupState, ModelSpec, ModelState, Ticket
+from jano.records import GroupState, ModelSpec, ModelState, Ticket, public_url
 
 __all__ = [
     "DEFAULT_RETRY_AFTER",
@@ -256,6 +256,7 @@ def model_state(m: Model, now: float, residents: set[int],
         max_concurrency=spec.max_concurrency,
         unload_at=unload_at,
         serves=spec.serves,
+        upstream=public_url(spec.upstream) if spec.serves is not None else None,
     )
 
 

@@ -5,6 +5,12 @@ Everything that describes *now* (queue depth, residency, health) and the
 recorder's plain-number series are read at scrape time by
 :class:`ScrapeCollector`; no timer updates a gauge.  :func:`render` answers a
 scrape in the format the scraper prefers.
+
+The ``model`` label is always a name clients use: a model served by replicas
+counts once, its replicas added up.  Each replica has its own
+``jano_replica_*`` gauges, labelled ``model`` and ``replica`` (the part of its
+name after ``@``: its group, or its place in ``upstreams``); both come from
+the configuration only, so the label set stays bounded.
 """
 
 from __future__ import annotations
@@ -149,6 +155,7 @@ class ScrapeCollector:
             "Seconds since Jano's telemetry started.",
             value=max(0.0, now - self._recorder.started_at),
         )
+        snap: Optional[SchedulerSnapshot] = None
         try:
             snap = self._snapshot()
         except Exception:
@@ -179,6 +186,41 @@ class ScrapeCollector:
                 stalled.add_metric([spec.name], 1.0 if health.get(spec.name) == "stalled" else 0.0)
             yield up
             yield stalled
+            if snap is not None and snap.replicas:
+                yield from self._replica_families(snap, health, now)
+
+    def _replica_families(self, snap: SchedulerSnapshot, health: Mapping[str, HealthState],
+                          now: float) -> Iterable[Metric]:
+        label = self._recorder.label
+        families = {
+            "in_flight": GaugeMetricFamily(
+                "jano_replica_in_flight", "Requests forwarded to the replica and not yet "
+                "finished.", labels=["model", "replica"]),
+            "queued": GaugeMetricFamily(
+                "jano_replica_queued", "Requests waiting for the replica.",
+                labels=["model", "replica"]),
+            "resident": GaugeMetricFamily(
+                "jano_replica_resident", "1 while the model is loaded on the replica.",
+                labels=["model", "replica"]),
+            "up": GaugeMetricFamily(
+                "jano_replica_up", "1 when the replica's last health probe answered 200.",
+                labels=["model", "replica"]),
+            "down": GaugeMetricFamily(
+                "jano_replica_down", "1 while requests are not sent to the replica (a failed "
+                "swap, a crash, a stall, an unreachable server).", labels=["model", "replica"]),
+        }
+        for r in snap.replicas:
+            model = label(r.serves)
+            if model == UNCONFIGURED:
+                continue  # a replica of a model removed by a reload, with requests in flight
+            labels = [model, r.name[len(r.serves or "") + 1:] or r.name]
+            down = r.down_until is not None and r.down_until > now
+            families["in_flight"].add_metric(labels, float(r.in_flight))
+            families["queued"].add_metric(labels, float(r.queued))
+            families["resident"].add_metric(labels, 1.0 if r.resident else 0.0)
+            families["up"].add_metric(labels, 1.0 if health.get(r.name) == "up" else 0.0)
+            families["down"].add_metric(labels, 1.0 if down else 0.0)
+        yield from families.values()
 
     def _series_families(self) -> Iterable[Metric]:
         series = self._recorder.series

@@ -5,6 +5,10 @@ The ``/status`` and ``/usage`` bodies: JSON-ready, camelCase.
 What describes *now* (queue depth, residency, health) is handed in by the
 caller, read when somebody asks; the rest comes from the
 :class:`~jano.telemetry.recorder.Recorder`.
+
+A model served by replicas is one model everywhere clients look (its counts
+added up, loaded when one replica is); ``replicas`` lists each replica on its
+own, and ``groups`` shows what each group holds (a replica by its own name).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def status_body(
             "loadedAt": iso(group.loaded_at),
             "swapInProgress": swap,
         }
+    serves = {r.name: r.serves for r in snap.replicas}
     main = next((g for g in snap.groups if g.name == "default"), None)
     if main is None and snap.groups:
         main = snap.groups[0]
@@ -63,7 +68,8 @@ def status_body(
         "version": version,
         "startedAt": iso(started_at),
         "uptimeSeconds": round(max(0.0, now - started_at), 3),
-        "currentModel": main.resident if main is not None else None,
+        "currentModel": (serves.get(main.resident, main.resident)
+                         if main is not None and main.resident is not None else None),
         "currentModelLoadedAt": iso(main.loaded_at) if main is not None else None,
         "groups": groups,
         "queueDepth": sum(queue_by_model.values()),
@@ -83,27 +89,59 @@ def status_body(
         "requestsWithoutUsageTotal": recorder.without_usage_total,
         "tokensGeneratedTotal": recorder.completion_tokens_total,
         "promptTokensTotal": recorder.prompt_tokens_total,
-        "backendHealth": dict(health),
+        "backendHealth": {k: v for k, v in health.items() if k not in serves},
         "draining": snap.draining,
         "modelsDown": models_down,
         "modelStatus": {m.name: model_status(m, snap) for m in snap.models},
         "alwaysOn": sorted(m.name for m in snap.models if m.always_on),
+        "replicas": replicas_body(snap, now, health),
         "hiddenReloadsLastHour": recorder.reloads_last_hour(now)[0],
         "hiddenReloadSecondsLastHour": _round(recorder.reloads_last_hour(now)[1]),
     }
 
 
+def replicas_body(snap: SchedulerSnapshot, now: float,
+                  health: Mapping[str, HealthState]) -> dict[str, list[dict[str, object]]]:
+    """Each model served by replicas: its replicas, in configuration order."""
+    out: dict[str, list[dict[str, object]]] = {}
+    for r in snap.replicas:
+        down = r.down_until is not None and r.down_until > now
+        out.setdefault(r.serves or "", []).append({
+            "name": r.name,
+            "group": r.group,
+            "upstream": r.upstream,
+            "status": model_status(r, snap),
+            "health": health.get(r.name),
+            "inFlight": r.in_flight,
+            "queued": r.queued,
+            "maxConcurrency": r.max_concurrency,
+            "down": {"until": iso(r.down_until), "reason": r.down_reason} if down else None,
+        })
+    return out
+
+
+#: A model served by replicas has the best of its replicas' states, in this order.
+_STATUS_ORDER = ("loaded", "loading", "unloading", "unloaded")
+
+
 def model_status(m: ModelState, snap: SchedulerSnapshot) -> str:
-    """``loaded``, ``loading``, ``unloading`` or ``unloaded``, by ``m``'s group's slot."""
+    """
+    ``loaded``, ``loading``, ``unloading`` or ``unloaded``, by ``m``'s group's
+    slot; for a model served by replicas, the best of theirs.
+    """
     if m.always_on:
         return "loaded"
+    if m.serves is None and snap.replicas:
+        found = {model_status(r, snap) for r in snap.replicas if r.serves == m.name}
+        if found:
+            return next(s for s in _STATUS_ORDER if s in found)
     for g in snap.groups:
         if g.name == m.group:
             if g.unloading == m.name:
                 return "unloading"
             if g.swapping_to == m.name:
                 return "loading"
-            if g.resident == m.name:
+            if g.resident == m.name or m.name in g.residents:
                 return "loaded"
     return "unloaded"
 

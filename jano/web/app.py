@@ -248,6 +248,11 @@ class JanoApp:
         if denied:
             return denied
         ring = self.logs_of(name)
+        spec = self.by_name.get(name)
+        if ring is None and spec is not None and spec.replicas:
+            return _error(request, 404, f"{name!r} is served by replicas, each with its own "
+                          "log: " + ", ".join(f"/logs/{r}" for r in spec.replicas),
+                          "not_found_error")
         if ring is None:
             return _error(request, 404, f"no log for {name!r}: only the servers Jano runs "
                           "(models with a command) have one", "not_found_error")

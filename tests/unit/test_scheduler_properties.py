@@ -23,7 +23,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from jano.records import ModelSpec, SwapEvent
-from jano.scheduler import ModelUnavailable, QueueFull, Scheduler, Ticket
+from jano.scheduler import ModelUnavailable, QueueFull, Replicas, Scheduler, Ticket
 
 SETTINGS = settings(max_examples=250, deadline=None, database=None)
 #: Groups with a memory budget: fewer examples, to keep the run short.
@@ -299,8 +299,11 @@ class World:
             if g.name in setup.budgets:
                 assert set(g.residents) == self.loaded_set[g.name], (g, self.loaded_set)
                 assert g.memory_used == sum(setup.spec(n).memory or 0 for n in g.residents)
-        failed_targets = {t for _, _, t, failed in self.swaps if failed}
-        for r in setup.reqs:
+        self.check_refused({t for _, _, t, failed in self.swaps if failed})
+
+    def check_refused(self, failed_targets: set[str]) -> None:
+        """A request fails with 503 only when a swap to its model failed."""
+        for r in self.setup.reqs:
             if r.outcomes[0] == "ModelUnavailable":
                 assert r.model in failed_targets
 
@@ -568,3 +571,147 @@ def test_models_that_fit_together_are_loaded_once(setup: Setup) -> None:
             targets = [t for g, _, t, _ in world.swaps if g == group]
             assert len(targets) == len(set(targets)), targets
             assert all(e == () for g, e in world.evicted if g == group)
+
+
+# --- replicas: one model on two groups, through jano.scheduler.Replicas ------------------------
+
+#: The model served by replicas, one in each group of the layout.
+PUBLIC = "R"
+
+
+class ReplicaWorld(World):
+    """
+    :class:`World` with requests admitted through :class:`Replicas`: ``R`` is
+    served by ``R@gpu`` and ``R@gpu1``, each a model of its group to the
+    scheduler; the fakes check each instance as they check a model.  ``marks``
+    mark a replica down at a time (a stall, a crash), which fails its queue
+    over to the other.
+    """
+
+    def __init__(self, setup: Setup, marks: Sequence[tuple[float, str]]) -> None:
+        super().__init__(setup)
+        self.r = Replicas(self.s, self.clock, setup.models)
+        self.marked: set[str] = set()
+        for at, name in marks:
+            self.clock.callLater(at, self.mark, name)
+
+    def mark(self, name: str) -> None:
+        self.marked.add(name)
+        self.r.mark_down(name, "stalled", 3.0)
+
+    def arrive(self, r: Req) -> None:
+        r.seq = self.seq
+        self.seq += 1
+        d = self.r.admit(r.model)
+        r.d = d
+        d.addCallbacks(lambda t: self.served(r, t), lambda f: self.refused(r, f))
+        if r.cancel_after is not None:
+            self.clock.callLater(r.cancel_after, d.cancel)
+
+    def served(self, r: Req, t: Ticket) -> None:
+        by = t.served_by
+        self.expect(by is not None and by.name == t.model, f"served_by {by} for {t}")
+        if r.model == PUBLIC:
+            self.expect(t.model in (f"{PUBLIC}@gpu", f"{PUBLIC}@gpu1"), f"{t.model} for R")
+            self.expect(t.failovers < 2, f"{t.failovers} failovers with two replicas")
+            r.model = t.model  # from now on, the instance it holds a slot of
+        super().served(r, t)
+
+    def check_refused(self, failed_targets: set[str]) -> None:
+        """``R`` is refused only when a swap of one of its replicas failed or one was marked down."""
+        down = (failed_targets | self.marked) & {f"{PUBLIC}@gpu", f"{PUBLIC}@gpu1"}
+        for r in self.setup.reqs:
+            if r.outcomes[0] == "ModelUnavailable":
+                assert (r.model == PUBLIC and down) or r.model in failed_targets, (r, down)
+
+
+@st.composite
+def replica_setups(draw: Any, *, failures: bool, cancels: bool, ample: bool
+                   ) -> tuple[Setup, list[tuple[float, str]]]:
+    models: list[ModelSpec] = []
+    for group in ("gpu", "gpu1"):
+        conc = 64 if ample else draw(st.integers(1, 3))
+        models.append(ModelSpec(f"{PUBLIC}@{group}", "http://127.0.0.1:1", group=group,
+                                max_concurrency=conc, serves=PUBLIC))
+        for i in range(draw(st.integers(0, 2))):
+            models.append(ModelSpec(f"{group}-m{i}", "http://127.0.0.1:1", group=group,
+                                    max_concurrency=64 if ample else draw(st.integers(1, 3))))
+    initial: dict[str, str] = {}
+    for group in ("gpu", "gpu1"):
+        pick = draw(st.sampled_from([None] + [m.name for m in models if m.group == group]))
+        if pick is not None:
+            initial[group] = pick
+    names = [PUBLIC, PUBLIC] + [m.name for m in models if m.serves is None]
+    gaps = st.one_of(st.just(0.0), st.floats(0.0, 0.5), st.floats(0.0, 8.0))
+    reqs: list[Req] = []
+    t = 0.0
+    for _ in range(draw(st.integers(1, 30))):
+        t += draw(gaps)
+        cancel = None
+        if cancels and draw(st.integers(0, 4)) == 0:
+            cancel = draw(st.floats(0.0, 20.0))
+        reqs.append(Req(at=t, model=draw(st.sampled_from(names)),
+                        service=draw(st.floats(0.05, 10.0)), cancel_after=cancel))
+    fails = [False]
+    if failures:
+        fails = draw(st.lists(st.integers(0, 3).map(lambda x: x == 0), min_size=1, max_size=8))
+    marks = draw(st.lists(st.tuples(st.floats(0.0, t + 10.0),
+                                    st.sampled_from([f"{PUBLIC}@gpu", f"{PUBLIC}@gpu1"])),
+                          max_size=3 if failures else 0))
+    setup = Setup(models, initial, max_wait=draw(st.floats(0.0, 40.0)),
+                  max_queue=1000 if ample else draw(st.integers(1, 40)), reqs=reqs,
+                  swap_durations=draw(st.lists(st.floats(0.01, 25.0), min_size=1, max_size=8)),
+                  swap_failures=fails,
+                  collate=draw(st.sampled_from([0.0, 0.25, draw(st.floats(0.0, 5.0))])))
+    return setup, marks
+
+
+@SETTINGS
+@given(replica_setups(failures=True, cancels=True, ample=False))
+def test_replicas_end_every_request_once_and_never_evict_work(
+        drawn: tuple[Setup, list[tuple[float, str]]]) -> None:
+    """
+    With replicas, swap failures and replicas marked down: every request is
+    served, refused or cancelled exactly once (a request failed over is still
+    one request); a request for ``R`` is served by one of its replicas, after
+    at most one failover; no swap evicts a request in flight; a request for
+    ``R`` is refused with 503 only when a replica's swap failed or it was
+    marked down (all asserted by the fakes as they run).
+    """
+    setup, marks = drawn
+    world = ReplicaWorld(setup, marks)
+    world.run()
+    world.check_common()
+
+
+@SETTINGS
+@given(replica_setups(failures=True, cancels=False, ample=True))
+def test_replicas_keep_the_guard_bound_per_queue_they_wait_in(
+        drawn: tuple[Setup, list[tuple[float, str]]]) -> None:
+    """
+    The guard bound of :func:`test_no_request_waits_beyond_the_guard_bound`
+    holds for each queue a request waits in: from its last (re)admission,
+    ``max_wait + k * (S + D)`` of the replica's group.  A failover restarts
+    the wait on the other replica (a new arrival there), so the whole wait,
+    from the arrival at Jano, is bounded only by the sum over the replicas
+    tried: ``(failovers + 1)`` times the larger bound.
+    """
+    setup, marks = drawn
+    world = ReplicaWorld(setup, marks)
+    world.run()
+    world.check_common()
+    max_swap = max(setup.swap_durations)
+    bounds: dict[str, float] = {}
+    for group in ("gpu", "gpu1"):
+        members = setup.members(group)
+        d_max = max((x.service for x in setup.reqs if x.model in members), default=0.0)
+        bounds[group] = setup.max_wait + len(members) * (max_swap + d_max)
+    for r in setup.reqs:
+        t = r.ticket
+        if t is None:
+            continue
+        where = setup.group_of(t.model)
+        assert where is not None and t.dispatched_at is not None and t.queue_wait is not None
+        since = t.requeued_at if t.requeued_at is not None else t.arrived_at
+        assert t.dispatched_at - since <= bounds[where] + EPS, (r, t, bounds)
+        assert t.queue_wait <= (t.failovers + 1) * max(bounds.values()) + EPS, (r, t, bounds)

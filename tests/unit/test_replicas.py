@@ -1,0 +1,392 @@
+"""
+Replicas: one model on two groups (two GPUs, two hosts).  First the choice
+and the failover on a Clock with a fake swapper, then through the real app
+in memory: the forward goes to the chosen replica, clients see one model.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
+
+from jano.config import parse_config
+from jano.errors import Busy, SwapError
+from jano.records import HealthState, ModelSpec
+from jano.scheduler import ModelUnavailable, QueueFull, Replicas, Scheduler
+from jano.service import JanoService
+from jano.testing import FakeModelServer, SimulatedSwapper
+from jano.testing._memory import MemoryClient
+from test_proxy import HostAgent, World
+from test_scheduler import FakeSwapper, Result, SwapFailure
+
+
+def rep(group: str, conc: int = 1) -> ModelSpec:
+    return ModelSpec(f"qwen@{group}", f"http://{group}.example:8080", group=group,
+                     max_concurrency=conc, serves="qwen")
+
+
+class Rig:
+    def __init__(self, models: Sequence[ModelSpec], **kw: Any) -> None:
+        self.clock = Clock()
+        self.swapper = FakeSwapper()
+        self.s = Scheduler(models, self.swapper, self.clock, **kw)
+        self.health: dict[str, HealthState] = {}
+        self.r = Replicas(self.s, self.clock, models, health=lambda: self.health)
+
+    def admit(self, model: str = "qwen") -> Result:
+        return Result(self.r.admit(model))
+
+    def turn(self) -> None:
+        self.clock.advance(0)
+
+    def state(self, name: str) -> Any:
+        return next(m for m in self.r.snapshot().replicas if m.name == name)
+
+
+def served_by(r: Result) -> str:
+    by = r.ticket.served_by
+    assert by is not None
+    return by.name
+
+
+# --- the choice ----------------------------------------------------------------------------
+
+
+def test_a_loaded_replica_with_a_free_slot_first_then_the_least_loaded() -> None:
+    rig = Rig([rep("a", conc=2), rep("b", conc=2)], initial={"a": "qwen@a", "b": "qwen@b"})
+    got = [rig.admit() for _ in range(4)]
+    assert [served_by(r) for r in got] == ["qwen@a", "qwen@b", "qwen@a", "qwen@b"]
+    queued = [rig.admit() for _ in range(3)]  # every slot taken: the least loaded queue
+    assert all(r.waiting for r in queued)
+    assert (rig.state("qwen@a").queued, rig.state("qwen@b").queued) == (2, 1)
+    rig.r.release(got[1].ticket)  # b frees a slot: its first waiter goes
+    assert served_by(queued[1]) == "qwen@b" and rig.swapper.calls == []
+    assert got[0].ticket.model == "qwen@a" and got[0].ticket.failovers == 0
+
+
+def test_the_replica_holding_the_model_takes_its_requests_even_when_busy() -> None:
+    rig = Rig([rep("a"), rep("b")], initial={"a": "qwen@a"})
+    first, second, third = rig.admit(), rig.admit(), rig.admit()
+    rig.turn()
+    assert served_by(first) == "qwen@a" and second.waiting and third.waiting
+    assert rig.swapper.calls == []  # no load on b while a holds the model
+    rig.r.release(first.ticket)
+    assert served_by(second) == "qwen@a"
+
+
+def test_a_request_joins_the_load_under_way_instead_of_loading_twice() -> None:
+    rig = Rig([rep("a"), rep("b")])
+    first = rig.admit()
+    rig.turn()
+    second = rig.admit()
+    rig.turn()
+    assert [(c.group, c.target) for c in rig.swapper.calls] == [("a", "qwen@a")]
+    rig.swapper.last().succeed()
+    assert served_by(first) == "qwen@a" and second.waiting
+
+
+def test_the_load_goes_where_it_can_start_now_then_to_the_faster_group() -> None:
+    models = [rep("a"), rep("b"), ModelSpec("llama", "http://a.example:8080", group="a"),
+              ModelSpec("mist", "http://b.example:8080", group="b")]
+    rig = Rig(models, initial={"a": "llama", "b": "mist"})
+    busy = Result(rig.s.admit("llama"))  # a's resident has work in flight: b can load now
+    r = rig.admit()
+    rig.turn()
+    assert [(c.group, c.target) for c in rig.swapper.calls] == [("b", "qwen@b")]
+    rig.swapper.last().succeed()
+    rig.r.release(r.ticket)
+    rig.s.release(busy.ticket)
+
+    # Teach each group its swap time: a swaps in 5 s, b in 2 s.
+    rig2 = Rig(models, initial={"a": "qwen@a", "b": "qwen@b"})
+    for name, seconds in (("llama", 5.0), ("mist", 2.0)):
+        x = Result(rig2.s.admit(name))
+        rig2.turn()
+        rig2.clock.advance(seconds)
+        rig2.swapper.last().succeed()
+        rig2.s.release(x.ticket)
+    r = rig2.admit()
+    rig2.turn()
+    assert rig2.swapper.last().target == "qwen@b"  # both idle: the cheaper swap
+
+    # With one swap time unknown, the two are not compared: configuration order.
+    rig3 = Rig(models, initial={"a": "qwen@a", "b": "mist"})
+    x = Result(rig3.s.admit("llama"))
+    rig3.turn()
+    rig3.clock.advance(9.0)
+    rig3.swapper.last().succeed()
+    rig3.s.release(x.ticket)
+    rig3.admit()
+    rig3.turn()
+    assert rig3.swapper.last().target == "qwen@a"
+
+
+def test_a_loaded_replica_probed_down_is_skipped_while_another_is_left() -> None:
+    rig = Rig([rep("a", conc=4), rep("b", conc=4)], initial={"a": "qwen@a", "b": "qwen@b"})
+    rig.health = {"qwen@a": "down", "qwen@b": "up"}
+    assert [served_by(rig.admit()) for _ in range(3)] == ["qwen@b"] * 3
+    rig.health["qwen@b"] = "stalled"  # both look down: the probe does not refuse requests
+    assert served_by(rig.admit()) == "qwen@a"
+
+
+# --- failover ------------------------------------------------------------------------------
+
+
+def test_queued_requests_go_to_the_other_replica_when_the_swap_fails() -> None:
+    rig = Rig([rep("a"), rep("b")], retry_backoff=30.0)
+    waiting = [rig.admit() for _ in range(3)]
+    rig.turn()
+    rig.clock.advance(4.0)
+    rig.swapper.last().fail(SwapFailure("failed", "qwen@a would not start"))
+    rig.turn()
+    assert [(c.group, c.target) for c in rig.swapper.calls] == [("a", "qwen@a"), ("b", "qwen@b")]
+    rig.clock.advance(2.0)
+    rig.swapper.last().succeed()
+    first = waiting[0].ticket
+    assert served_by(waiting[0]) == "qwen@b"
+    assert (first.failovers, first.arrived_at, first.requeued_at) == (1, 0.0, 4.0)
+    assert first.queue_wait == 6.0  # the whole wait, both replicas
+    for i in range(1, 3):
+        rig.r.release(waiting[i - 1].ticket)
+        assert served_by(waiting[i]) == "qwen@b"
+    rig.r.release(waiting[2].ticket)
+    assert served_by(rig.admit()) == "qwen@b"  # a new one: a is down, b loaded
+
+
+def test_queued_requests_move_when_their_replica_is_marked_down_or_lost() -> None:
+    for how in ("mark_down", "lost"):
+        rig = Rig([rep("a"), rep("b")], initial={"a": "qwen@a"})
+        running, q1, q2 = rig.admit(), rig.admit(), rig.admit()
+        assert served_by(running) == "qwen@a" and q1.waiting and q2.waiting
+        getattr(rig.r, how)("qwen@a", "stalled", 30.0)  # the forwarder's or the keeper's call
+        rig.turn()
+        assert rig.swapper.last().target == "qwen@b"
+        rig.swapper.last().succeed()
+        assert served_by(q1) == "qwen@b" and q1.ticket.failovers == 1 and q2.waiting
+        rig.r.release(running.ticket)  # the request in flight on a ends as its connection does
+        rig.r.release(q1.ticket)
+        assert served_by(q2) == "qwen@b"
+        assert rig.r.choose("qwen") == "qwen@b"  # a is down: new requests go to b too
+        later = rig.admit()
+        rig.r.release(q2.ticket)
+        assert served_by(later) == "qwen@b"
+
+
+def test_each_replica_is_tried_once_then_the_request_fails_like_one_model() -> None:
+    rig = Rig([rep("a"), rep("b")], retry_backoff=10.0)
+    r = rig.admit()
+    for _ in range(2):
+        rig.turn()
+        rig.swapper.last().fail(SwapFailure("failed", "no GPU at http://a.example:8080"))
+    exc = r.failed_with(ModelUnavailable)
+    assert len(rig.swapper.calls) == 2
+    assert isinstance(exc, ModelUnavailable) and exc.model == "qwen"
+    assert "every replica is down" in exc.cause and "http://" not in exc.cause
+    assert "qwen@a" in exc.cause and exc.retry_after == 10.0
+    # Fail fast while both are down, as one model would.
+    again = rig.admit()
+    assert isinstance(again.failed_with(ModelUnavailable), ModelUnavailable)
+    assert rig.s.snapshot().models[0].queued == 0
+
+
+def test_a_full_queue_sends_the_request_to_the_other_replica() -> None:
+    rig = Rig([rep("a"), rep("b")], initial={"a": "qwen@a"}, max_queue=1)
+    running, queued, spill = rig.admit(), rig.admit(), rig.admit()
+    rig.turn()
+    assert served_by(running) == "qwen@a" and queued.waiting and spill.waiting
+    assert rig.swapper.last().target == "qwen@b"
+    rig.swapper.last().succeed()
+    assert served_by(spill) == "qwen@b"
+    rig2 = Rig([rep("a"), rep("b")], initial={"a": "qwen@a", "b": "qwen@b"}, max_queue=1)
+    for _ in range(4):
+        rig2.admit()
+    assert isinstance(rig2.admit().failed_with(QueueFull), QueueFull)  # both full: 429
+
+
+def test_a_client_that_leaves_while_queued_leaves_no_waiter_behind() -> None:
+    rig = Rig([rep("a"), rep("b")], initial={"a": "qwen@a"})
+    running, queued = rig.admit(), rig.admit()
+    queued.d.cancel()
+    assert rig.state("qwen@a").queued == 0 and queued.fired == 1
+    rig.r.release(running.ticket)
+    assert rig.state("qwen@a").in_flight == 0
+
+
+def test_load_unload_and_the_snapshot_speak_of_the_model() -> None:
+    rig = Rig([rep("a", conc=2), rep("b", conc=3)], initial={"b": "qwen@b"})
+    done: list[object] = []
+    rig.r.load("qwen").addBoth(done.append)
+    assert done == [None] and rig.swapper.calls == []  # loaded on b already
+    r = rig.admit()
+    snap = rig.r.snapshot()
+    (model,) = snap.models
+    assert (model.name, model.in_flight, model.resident, model.max_concurrency) == (
+        "qwen", 1, True, 5)
+    assert [(x.name, x.resident, x.serves) for x in snap.replicas] == [
+        ("qwen@a", False, "qwen"), ("qwen@b", True, "qwen")]
+    try:
+        rig.r.unload("qwen")
+    except Busy:
+        pass
+    else:
+        raise AssertionError("b has a request in flight")
+    rig.r.release(r.ticket)
+    assert rig.r.unload("qwen") is True
+    assert rig.swapper.last().previous == "qwen@b"
+
+
+# --- through the app, in memory ---------------------------------------------------------------
+
+HOST_A, HOST_B = "127.0.0.2:9001", "127.0.0.3:9001"
+CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+class FlakySwapper(SimulatedSwapper):
+    """The simulated swapper, failing swaps to the models in ``failing``."""
+
+    failing: set[str] = set()
+
+    def swap(self, group: str, previous: Optional[ModelSpec], target: ModelSpec,
+             evict: Sequence[ModelSpec] = ()) -> Deferred[None]:
+        if target.name in self.failing:
+            return fail(SwapError("failed", f"cannot reach {target.upstream}"))
+        return super().swap(group, previous, target)
+
+
+class ReplicaWorld(World):
+    """Jano with ``qwen`` on two hosts (groups ``host-a`` and ``host-b``), in memory."""
+
+    def __init__(self, *, agents: Optional[dict[str, Any]] = None, initial: bool = False,
+                 stall_cooldown: float = 30.0) -> None:
+        self.clock = Clock()
+        self.fake_kw = {}
+        self.fakes = {name: FakeModelServer(self.clock, models=("qwen",), start_loaded=initial)
+                      for name in ("qwen@host-a", "qwen@host-b")}
+        upstream = agents or {}
+        upstream.setdefault(HOST_A, RequestTraversalAgent(self.fakes["qwen@host-a"].resource()))
+        upstream.setdefault(HOST_B, RequestTraversalAgent(self.fakes["qwen@host-b"].resource()))
+        upstream["user:secret@" + HOST_A] = upstream[HOST_A]  # host a's URL carries credentials
+        self.agent = HostAgent(upstream)
+        sched: dict[str, Any] = {"collate": 0, "retry_backoff": 20}
+        if initial:
+            sched["initial_model"] = {"host-a": "qwen@host-a", "host-b": "qwen@host-b"}
+        self.config = parse_config({
+            "server": {"stall_cooldown": stall_cooldown},
+            "scheduler": sched, "telemetry": {"database": ""},
+            "swap": {"command": ["true"]},
+            "models": [{"name": "qwen", "max_concurrency": 1, "upstreams": [
+                {"url": f"http://user:secret@{HOST_A}", "group": "host-a"},
+                {"url": f"http://{HOST_B}", "group": "host-b"}]}]})
+        self.flaky = FlakySwapper(self.clock, self.fakes, delay=2.0)
+        self.flaky.failing = set()
+        self.swapper = self.flaky
+        self.svc = JanoService(self.config, self.clock, swapper=self.swapper, agent=self.agent,
+                               probe=lambda url: fail(ConnectionRefusedError()), listen=False)
+        self.client = MemoryClient(self.svc.site)
+
+    def chat(self) -> tuple[IResponse, bytes]:
+        return self.call("POST", "/v1/chat/completions", CHAT, advance=0.5)
+
+    def hosts(self) -> list[str]:
+        return [uri.decode().split("/")[2].rsplit("@", 1)[-1] for _, uri, _ in self.agent.seen]
+
+
+def test_the_forward_goes_to_the_chosen_replica_and_clients_see_one_model() -> None:
+    w = ReplicaWorld()
+    resp, body = w.chat()
+    assert resp.code == 200, body
+    assert w.hosts() == [HOST_A]  # nothing loaded: the first replica listed
+    models = json.loads(w.call("GET", "/v1/models")[1])["data"]
+    assert [(m["id"], m["status"]["value"]) for m in models] == [("qwen", "loaded")]
+    assert [m["name"] for m in json.loads(w.call("GET", "/api/tags")[1])["models"]] == ["qwen"]
+    assert [m["name"] for m in json.loads(w.call("GET", "/api/ps")[1])["models"]] == ["qwen"]
+    assert w.usage()[0]["model"] == "qwen"
+    status = json.loads(w.call("GET", "/status")[1])
+    assert set(status["queueDepthByModel"]) == {"qwen"} and status["modelStatus"] == {
+        "qwen": "loaded"}
+    assert set(status["backendHealth"]) == {"qwen"}
+    a, b = status["replicas"]["qwen"]
+    assert (a["name"], a["group"], a["status"], a["upstream"]) == (
+        "qwen@host-a", "host-a", "loaded", f"http://{HOST_A}")  # never the credentials
+    assert (b["name"], b["status"], b["down"]) == ("qwen@host-b", "unloaded", None)
+    assert "secret" not in json.dumps(status)
+    assert status["recentSwaps"][0]["to"] == "qwen" and status["recentSwaps"][0]["group"] == \
+        "host-a"
+    text = w.call("GET", "/metrics")[1].decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("jano_replica_resident", (("model", "qwen"), ("replica", "host-a")))] == 1.0
+    assert samples[("jano_replica_resident", (("model", "qwen"), ("replica", "host-b")))] == 0.0
+    assert samples[("jano_model_loaded", (("model", "qwen"),))] == 1.0
+    assert not [k for k in samples if any("@" in v for _, v in k[1])]  # replicas stay inside
+    # GET routes that need no admission go to a replica too, never to an empty URL.
+    resp, _ = w.call("GET", "/props", headers={"X-Jano-Model": "qwen"})
+    assert w.hosts()[-1] == HOST_A
+
+
+def test_a_failed_load_fails_over_and_all_down_is_a_503_without_urls() -> None:
+    w = ReplicaWorld()
+    w.flaky.failing = {"qwen@host-a"}
+    resp, body = w.chat()
+    assert resp.code == 200, body
+    assert w.hosts() == [HOST_B]
+    status = json.loads(w.call("GET", "/status")[1])
+    assert status["replicas"]["qwen"][0]["down"]["reason"].startswith("cannot reach")
+    assert status["modelsDown"] == {}  # one replica is up: the model is not down
+
+    w2 = ReplicaWorld()
+    w2.flaky.failing = {"qwen@host-a", "qwen@host-b"}
+    resp, body = w2.chat()
+    assert resp.code == 503
+    message = json.loads(body)["error"]["message"]
+    assert "every replica is down" in message and "127.0.0." not in message, message
+    assert "secret" not in message
+
+
+def test_a_replica_that_refuses_connections_sends_the_next_requests_to_the_other() -> None:
+    @implementer(IAgent)
+    class Refusing:
+        def request(self, *a: Any, **k: Any) -> "Deferred[IResponse]":
+            return fail(ConnectionRefusedError())
+
+    w = ReplicaWorld(agents={HOST_A: Refusing()}, initial=True)
+    w.clock.advance(100.0)
+    for _ in range(3):  # the first never reached host a: it is queued again, on b
+        resp, body = w.chat()
+        assert resp.code == 200, body
+    assert w.hosts() == [HOST_A, HOST_B, HOST_B, HOST_B]
+    status = json.loads(w.call("GET", "/status")[1])
+    assert status["replicas"]["qwen"][0]["down"] is not None
+    records = w.usage()
+    assert [r["model"] for r in records] == ["qwen"] * 3
+    assert [r["outcome"] for r in records] == ["completed"] * 3
+
+    # With every replica refusing, each is tried once, then the answer is a 502 as today.
+    w2 = ReplicaWorld(agents={HOST_A: Refusing(), HOST_B: Refusing()}, initial=True)
+    resp, body = w2.chat()
+    assert resp.code == 502 and "127.0.0." not in body.decode()
+    assert w2.hosts() == [HOST_A, HOST_B]
+    resp, body = w2.chat()
+    assert resp.code == 503 and "every replica is down" in body.decode()
+
+
+def test_a_reload_that_removes_a_replica_moves_its_queue_to_the_others() -> None:
+    rig = Rig([rep("a"), rep("b")], initial={"a": "qwen@a"})
+    running, queued = rig.admit(), rig.admit()
+    assert served_by(running) == "qwen@a" and queued.waiting
+    new = [rep("b"), rep("c")]
+    rig.r.set_models(new)  # first, as the service does: the queue may go to qwen@c already
+    rig.s.reconfigure(new, max_wait=120.0, max_queue=256)
+    rig.turn()
+    assert rig.swapper.last().target == "qwen@b"
+    rig.swapper.last().succeed()
+    assert served_by(queued) == "qwen@b" and queued.ticket.failovers == 1
+    rig.r.release(running.ticket)  # the request in flight on the removed replica ends as usual
