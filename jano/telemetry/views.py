@@ -41,6 +41,10 @@ def status_body(
             "resident": group.resident,
             "loadedAt": iso(group.loaded_at),
             "swapInProgress": swap,
+            "residents": list(group.residents),
+            # The configured figures (models[].memory, groups.<name>.memory), never a measurement.
+            "memoryBudgetMiB": group.memory_budget,
+            "memoryUsedMiB": group.memory_used,
         }
     serves = {r.name: r.serves for r in snap.replicas}
     main = next((g for g in snap.groups if g.name == "default"), None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from procs import get, start_jano
+from procs import start_jano
 from test_managed_process import alive, chat, config, fake, status
 
 pytestmark = pytest.mark.integration

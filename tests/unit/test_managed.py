@@ -25,7 +25,7 @@ BASE_ENV = {"PATH": "/usr/bin:/bin"}
 
 def managed(name: str, port: int, **kw: Any) -> ModelSpec:
     return ModelSpec(name, f"http://127.0.0.1:{port}", group="gpu", port=port,
-                     command=("llama-server", "-m", f"/m/{{model}}.gguf", "--port", "{port}"), **kw)
+                     command=("llama-server", "-m", "/m/{model}.gguf", "--port", "{port}"), **kw)
 
 
 A = managed("qwen", 10100, env=(("CUDA_VISIBLE_DEVICES", "0"),), cwd="/srv/models")

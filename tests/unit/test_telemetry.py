@@ -219,10 +219,11 @@ def test_status_before_any_observation_is_null_not_zero() -> None:
 def test_status_reads_the_scheduler_at_call_time() -> None:
     clock, scheduler, health, telemetry = make(start=1000.0)
     scheduler.groups = (
-        GroupState(name="embed", resident="embed", loaded_at=900.0),
+        GroupState(name="embed", resident="embed", loaded_at=900.0, residents=("embed",)),
         GroupState(
             name="default",
             resident="big",
+            residents=("big",),
             loaded_at=950.0,
             swapping_to="small",
             swap_started_at=990.0,
@@ -239,11 +240,13 @@ def test_status_reads_the_scheduler_at_call_time() -> None:
     assert status["currentModel"] == "big"  # the "default" group, not the first one
     assert status["currentModelLoadedAt"] == "1970-01-01T00:15:50.000Z"
     assert status["groups"] == {
-        "embed": {"resident": "embed", "loadedAt": "1970-01-01T00:15:00.000Z", "swapInProgress": None},
+        "embed": {"resident": "embed", "loadedAt": "1970-01-01T00:15:00.000Z", "swapInProgress": None,
+                  "residents": ["embed"], "memoryBudgetMiB": None, "memoryUsedMiB": None},
         "default": {
             "resident": "big",
             "loadedAt": "1970-01-01T00:15:50.000Z",
             "swapInProgress": {"to": "small", "since": "1970-01-01T00:16:30.000Z"},
+            "residents": ["big"], "memoryBudgetMiB": None, "memoryUsedMiB": None,
         },
     }
     assert status["queueDepth"] == 3
