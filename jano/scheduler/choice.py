@@ -9,14 +9,18 @@ The choice, among the replicas not refused:
    below its ``max_concurrency``);
 2. else the least loaded one where it is loaded (in flight plus queued, per
    slot of ``max_concurrency``);
-3. else one where it is being loaded or waits to be (requests are queued
-   there): a second load elsewhere would cost a swap for nothing;
+3. else one where it is being loaded now: a second load elsewhere would
+   cost a swap for nothing;
 4. else load it where that is cheapest: a group that can start the load now
    (no swap or unload running, its resident idle with nothing queued, or
-   room in its memory budget) before one that cannot; then the smaller
-   observed swap time (compared only when every candidate has one: an
-   unknown is not taken for cheap or dear); then fewer requests of other
+   room in its memory budget) before one that cannot; then one where
+   requests for it already wait (they will load it there anyway); then the
+   smaller observed swap time (compared only when every candidate has one:
+   an unknown is not taken for cheap or dear); then fewer requests of other
    models waiting in the group; then configuration order.
+
+A replica whose group is swapping it out (or evicting it) counts as not
+loaded: a request sent there would wait for the next load.
 
 Ties go to the replica listed first.  A replica the scheduler refuses (a
 failed swap, :meth:`~jano.scheduler.replicas.Replicas.mark_down`, ``lost``, a stall, an
@@ -44,11 +48,15 @@ HEALTH_RANK: tuple[HealthState, ...] = ("up", "loading", "unknown", "unloaded", 
 
 
 def is_loaded(m: Model) -> bool:
-    """``m`` is loaded now, and not being unloaded."""
+    """``m`` is loaded now, and not being unloaded, evicted or swapped out."""
     g = m.group
     if g is None:
         return not m.removed
-    return g.unloading is not m and (g.resident is m or m in g.residents)
+    if g.unloading is m or m in g.evicting:
+        return False
+    if g.budget is None and g.swapping_to is not None and g.swapping_to is not m:
+        return False  # still the resident until the swap ends, but on its way out
+    return g.resident is m or m in g.residents
 
 
 def _load(m: Model) -> float:
@@ -82,14 +90,13 @@ def best(candidates: Sequence[Model]) -> Model:
     loaded = [m for m in candidates if is_loaded(m)]
     if loaded:  # rules 1 and 2: a free slot means a load below 1
         return min(loaded, key=_load)
-    pending = [m for m in candidates
-               if m.group is not None and (m.group.swapping_to is m or m.live)]
+    pending = [m for m in candidates if m.group is not None and m.group.swapping_to is m]
     if pending:
         return min(pending, key=_load)
     means = [m.group.swap_mean if m.group is not None else None for m in candidates]
     known = all(x is not None for x in means)
     ranked = sorted(range(len(candidates)), key=lambda i: (
-        not _can_start(candidates[i]), means[i] if known else 0.0,
+        not _can_start(candidates[i]), not candidates[i].live, means[i] if known else 0.0,
         _others_waiting(candidates[i]), i))
     return candidates[ranked[0]]
 

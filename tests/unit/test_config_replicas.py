@@ -30,7 +30,7 @@ def test_a_list_of_urls_gives_one_replica_per_url_each_in_its_own_group() -> Non
     assert public.upstream == "" and public.max_concurrency == 4 and public.group == "qwen@1+qwen@2"
 
 
-def test_tables_name_each_replica_after_its_group_and_may_share_the_group_with_other_models() -> None:
+def test_tables_name_each_replica_after_its_group_which_other_models_may_share() -> None:
     cfg = parse_config(doc(
         {"name": "qwen", "upstreams": [{"url": "http://127.0.0.2:8080", "group": "host-a",
                                         "max_concurrency": 8},

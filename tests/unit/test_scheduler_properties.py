@@ -618,7 +618,7 @@ class ReplicaWorld(World):
         super().served(r, t)
 
     def check_refused(self, failed_targets: set[str]) -> None:
-        """``R`` is refused only when a swap of one of its replicas failed or one was marked down."""
+        """``R`` is refused only when a swap of a replica failed or a replica was marked down."""
         down = (failed_targets | self.marked) & {f"{PUBLIC}@gpu", f"{PUBLIC}@gpu1"}
         for r in self.setup.reqs:
             if r.outcomes[0] == "ModelUnavailable":
