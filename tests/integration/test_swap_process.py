@@ -74,7 +74,7 @@ def swapper(command: list[str], **kwargs: Any) -> ScriptSwapper:
     return ScriptSwapper(_reactor(), command, **options)
 
 
-async def run(d: Deferred[None]) -> Optional[Failure]:
+async def run(d: Deferred[Any]) -> Optional[Failure]:
     """Wait (bounded) for a swap; return its failure, or None on success."""
     d.addTimeout(LIMIT, _reactor())
     try:

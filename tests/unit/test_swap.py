@@ -96,7 +96,7 @@ def line_events(events: Sequence[LogEvent]) -> list[tuple[str, str, str]]:
 
 def started(reactor: FakeProcessReactor, previous: Optional[ModelSpec] = PREVIOUS,
             probe: Optional[ProbeStub] = None,
-            **kwargs: Any) -> tuple[Deferred[None], FakeProcess, ProbeStub]:
+            **kwargs: Any) -> tuple[Deferred[dict[str, float]], FakeProcess, ProbeStub]:
     probe = probe if probe is not None else ProbeStub(200)
     d = make(reactor, probe, **kwargs).swap("gpu0", previous, TARGET)
     assert not d.called
