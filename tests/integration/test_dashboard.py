@@ -251,6 +251,18 @@ def test_dashboard_shows_the_demo_box_live(tmp_path: Path, browser: Any) -> None
             "return document.getElementById('server-failure').textContent;", st,
             {"data": [], "limit": 20})
         assert failure == "demo-coder killed by signal 9 (SIGKILL): CUDA error: out of memory"
+
+        # A group with a memory budget lists every resident and the configured figures.
+        st["groups"] = {"gpu0": {**st["groups"]["default"], "resident": "demo-coder",
+                                 "residents": ["demo-chat", "demo-coder"],
+                                 "memoryBudgetMiB": 24576, "memoryUsedMiB": 7168}}
+        groups = browser.execute_script(
+            "janoDashboard.show(arguments[0], arguments[1]);"
+            "const g = document.getElementById('groups');"
+            "return {shown: !g.hidden, text: g.textContent};", st, {"data": [], "limit": 20})
+        assert groups["shown"], "one budget group is worth listing"
+        assert "gpu0: demo-chat, demo-coder" in groups["text"]
+        assert "7 GiB of 24 GiB configured" in groups["text"]
     finally:
         jano.stop()
 
