@@ -15,7 +15,7 @@ from itertools import combinations
 from typing import Collection, Optional, Sequence
 
 from jano.errors import ModelUnavailable
-from jano.scheduler.state import Group, Model, Waiter, memory_of
+from jano.scheduler.state import Group, Model, Waiter, memory_of, step_ttl_timer
 from jano.scheduler.swaps import SwapRunner
 
 __all__ = ["BudgetPlanner", "choose_eviction", "memory_of"]
@@ -235,24 +235,7 @@ class BudgetPlanner(SwapRunner):
         TTL timer in step.
         """
         ttl = self.ttl_of(m) if now is not None else 0.0
-        if not ttl:
-            m.idle_since = None
-            if m.ttl_call is not None:
-                if m.ttl_call.active():
-                    m.ttl_call.cancel()
-                m.ttl_call = None
-            return
-        if m.idle_since is None:
-            assert now is not None
-            m.idle_since = now
-        due = m.idle_since + ttl
-        call = m.ttl_call
-        if call is not None and call.active() and call.getTime() == due:
-            return
-        if call is not None and call.active():
-            call.cancel()
-        m.ttl_call = self.clock.callLater(max(0.0, due - self.clock.seconds()),
-                                          self._ttl_due_model, m)
+        step_ttl_timer(m, ttl, now, self.clock, self._ttl_due_model, m)
 
     def _ttl_due_model(self, m: Model) -> None:
         m.ttl_call = None

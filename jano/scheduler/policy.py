@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from jano.interfaces import Swapper
 from jano.records import SwapEvent, Ticket
 from jano.scheduler.budget import BudgetPlanner
-from jano.scheduler.state import Group, Model, Waiter
+from jano.scheduler.state import Group, Model, Waiter, step_ttl_timer
 from jano.scheduler.swaps import swap_error
 
 __all__ = ["Policy", "swap_error"]
@@ -223,23 +223,7 @@ class Policy(BudgetPlanner):
         """
         r = g.resident
         ttl = self.ttl_of(r) if r is not None and now is not None else 0.0
-        if not ttl:
-            g.idle_since = None
-            if g.ttl_call is not None:
-                if g.ttl_call.active():
-                    g.ttl_call.cancel()
-                g.ttl_call = None
-            return
-        if g.idle_since is None:
-            assert now is not None
-            g.idle_since = now
-        due = g.idle_since + ttl
-        call = g.ttl_call
-        if call is not None and call.active() and call.getTime() == due:
-            return
-        if call is not None and call.active():
-            call.cancel()
-        g.ttl_call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._ttl_due, g)
+        step_ttl_timer(g, ttl, now, self.clock, self._ttl_due, g)
 
     def _ttl_due(self, g: Group) -> None:
         g.ttl_call = None

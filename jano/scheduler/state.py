@@ -10,10 +10,10 @@ Only :class:`Ticket` and the constants are public (re-exported by
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Literal, Mapping, Optional
+from typing import Callable, Literal, Mapping, Optional, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from jano.records import GroupState, ModelSpec, ModelState, Ticket, public_url
 
@@ -205,6 +205,37 @@ class Group:
 
 # --- estimates and views -----------------------------------------------------------------
 
+
+
+class _TtlHolder(Protocol):
+    idle_since: Optional[float]
+    ttl_call: Optional[IDelayedCall]
+
+
+def step_ttl_timer(holder: _TtlHolder, ttl: float, now: Optional[float], clock: IReactorTime,
+                   due: Callable[..., None], *args: object) -> None:
+    """
+    Keep ``holder``'s idle-unload timer in step: idle with nothing waiting
+    since ``now`` (``None``: it is not) and ``ttl`` seconds allowed (0: no
+    timer); ``due(*args)`` runs when the time is up.
+    """
+    if not ttl:
+        holder.idle_since = None
+        if holder.ttl_call is not None:
+            if holder.ttl_call.active():
+                holder.ttl_call.cancel()
+            holder.ttl_call = None
+        return
+    if holder.idle_since is None:
+        assert now is not None
+        holder.idle_since = now
+    when = holder.idle_since + ttl
+    call = holder.ttl_call
+    if call is not None and call.active() and call.getTime() == when:
+        return
+    if call is not None and call.active():
+        call.cancel()
+    holder.ttl_call = clock.callLater(max(0.0, when - clock.seconds()), due, *args)
 
 def ewma(mean: Optional[float], value: float) -> float:
     return value if mean is None else mean + EWMA_WEIGHT * (value - mean)
