@@ -271,6 +271,14 @@ class ScrapeCollector:
         yield _labelled("jano_model_loaded", "1 while the model is its group's resident.", loaded)
         yield _labelled("jano_model_down", "1 while the model fails fast after a failed swap "
                         "or while it is stalled.", down)
+        budgets = [g for g in snap.groups if g.memory_budget is not None]
+        if budgets:  # label values: the configured groups with a budget only
+            yield _labelled("jano_group_memory_budget_mib", "A group's memory budget, MiB, as "
+                            "configured (groups.<name>.memory); never a measurement.",
+                            {g.name: float(g.memory_budget or 0) for g in budgets}, "group")
+            yield _labelled("jano_group_memory_used_mib", "The configured memory (models[].memory) "
+                            "of the group's residents, MiB; never a measurement.",
+                            {g.name: float(g.memory_used or 0) for g in budgets}, "group")
         max_wait, stuck_after = self._limits()
         if math.isfinite(max_wait):
             yield GaugeMetricFamily("jano_scheduler_max_wait_seconds",
@@ -297,8 +305,9 @@ def scheduler_stuck(snap: SchedulerSnapshot, now: float, stuck_after: float) -> 
     return last is None or now - last > stuck_after
 
 
-def _labelled(name: str, documentation: str, values: Mapping[str, float]) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, documentation, labels=["model"])
-    for model, value in values.items():
-        family.add_metric([model], value)
+def _labelled(name: str, documentation: str, values: Mapping[str, float],
+              label: str = "model") -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
     return family

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from procs import start_jano
+from procs import get, start_jano
 from test_managed_process import alive, chat, config, fake, status
 
 pytestmark = pytest.mark.integration
@@ -52,6 +52,11 @@ command = {fake()}
         group: dict[str, Any] = status(jano.url)["groups"]["gpu0"]
         assert sorted(group["residents"]) == ["chat", "embed"]
         assert group["memoryUsedMiB"] == 7168 and group["memoryBudgetMiB"] == 12288
+        metrics = get(jano.url + "/metrics")[2].decode()
+        assert 'jano_group_memory_budget_mib{group="gpu0"} 12288.0' in metrics
+        assert 'jano_group_memory_used_mib{group="gpu0"} 7168.0' in metrics
+        assert 'jano_model_loaded{model="chat"} 1.0' in metrics
+        assert 'jano_model_loaded{model="embed"} 1.0' in metrics
 
         assert chat(jano.url, "coder")[0] == 200
         now = running(jano.url)
