@@ -134,6 +134,8 @@ class JanoService(MultiService):
                                     interval=config.telemetry.health_interval,
                                     is_resident=self._is_resident)
         self.health.setServiceParent(self)
+        self.health.on_probed = lambda name, old, new: self.replicas.probed(
+            name, old, new, self.config.server.stall_cooldown)
         if self.keeper is not None:
             self.keeper.scheduler = self.scheduler
         self.telemetry = Telemetry(reactor, config.client_models(), version=__version__,

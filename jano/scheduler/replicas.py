@@ -284,6 +284,30 @@ class Replicas:
         for name in self._served.get(model, (model,)):
             self.scheduler.lost(name, cause, seconds)
 
+    def probed(self, name: str, old: Optional[HealthState], new: HealthState,
+               seconds: float) -> None:
+        """
+        A health probe changed instance ``name``'s state.  A replica that
+        answered and now fails its probe is marked down for ``seconds``: its
+        queued requests go to the other replicas, new ones skip it.  One
+        that answers 200 again is let back at once.  A model without replicas
+        is left alone (its requests have nowhere else to go).
+        """
+        spec = self._specs.get(name)
+        if spec is None or spec.serves is None:
+            return
+        now = self.clock.seconds()
+        state = self.scheduler.record(name)
+        down = state is not None and state.down_until is not None and state.down_until > now
+        if new == "down" and old in ("up", "loading") and not down:
+            self.log.warn("{model}: replica {name} failed its health check; its queue goes to "
+                          "the other replicas", model=spec.serves, name=name)
+            self.scheduler.mark_down(name, f"{spec.serves}: replica {name} failed its health "
+                                           "check", seconds)
+        elif (new == "up" and down and state is not None
+              and (state.down_reason or "").endswith("failed its health check")):
+            self.scheduler.mark_down(name, "", 0.0)  # down until now: admitted again
+
     def load(self, model: str) -> Deferred[None]:
         """
         As :meth:`Scheduler.load`; for a model with replicas, on the replica a

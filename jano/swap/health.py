@@ -90,6 +90,10 @@ class HealthMonitor(Service):
             d.cancel()
         super().stopService()
 
+    #: Told ``(model, old, new)`` when a probe's answer changes a model's
+    #: state (states learnt through :meth:`observed` are not probes).
+    on_probed: Optional[Callable[[str, Optional[HealthState], HealthState], None]] = None
+
     def states(self) -> dict[str, HealthState]:
         """
         Each configured model's last known state, in configuration order,
@@ -162,6 +166,7 @@ class HealthMonitor(Service):
         if self._in_flight.get(spec.name) is not d:
             return None  # cancelled, or the model changed since: not about now
         del self._in_flight[spec.name]
+        before = self._states.get(spec.name)
         if isinstance(result, Failure):
             self.log.debug(
                 "Health probe of {model} failed: {error}",
@@ -171,6 +176,12 @@ class HealthMonitor(Service):
             self._set(spec.name, "down")
         else:
             self._set(spec.name, _state_for(result))
+        after = self._states.get(spec.name)
+        if self.on_probed is not None and after is not None and before != after:
+            try:
+                self.on_probed(spec.name, before, after)
+            except Exception:
+                self.log.failure("on_probed failed for {model}", model=spec.name)
         return None
 
     def _set(self, name: str, state: HealthState) -> None:

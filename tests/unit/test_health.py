@@ -193,3 +193,18 @@ def test_health_follows_residency_between_probes() -> None:
     monitor.observed("small", "up")
     assert monitor.states()["small"] == "up"
     monitor.stopService()
+
+
+def test_on_probed_hears_only_changes_a_probe_made() -> None:
+    clock, probe, monitor = make_monitor({"big"})
+    heard: list[tuple[str, Optional[str], str]] = []
+    monitor.on_probed = lambda name, old, new: heard.append((name, old, new))
+    monitor.observed("big", "up")  # learnt from a swap, not a probe: not told
+    monitor.startService()
+    probe.calls[0][1].callback(200)  # up -> up: no change
+    clock.advance(5)
+    probe.calls[1][1].errback(ConnectionRefusedError())
+    clock.advance(5)
+    probe.calls[2][1].callback(200)
+    assert heard == [("big", "up", "down"), ("big", "down", "up")]
+    monitor.stopService()

@@ -180,6 +180,35 @@ def test_queued_requests_move_when_their_replica_is_marked_down_or_lost() -> Non
         assert served_by(later) == "qwen@b"
 
 
+def test_a_replica_that_fails_its_health_check_sends_its_queue_to_the_other() -> None:
+    rig = Rig([rep("a"), rep("b")], initial={"a": "qwen@a", "b": "qwen@b"})
+    on_a, on_b, queued = rig.admit(), rig.admit(), rig.admit()
+    assert (served_by(on_a), served_by(on_b)) == ("qwen@a", "qwen@b") and queued.waiting
+    assert rig.state("qwen@a").queued == 1  # a tie between busy replicas: the first listed
+
+    def down(name: str) -> bool:
+        until = rig.state(name).down_until
+        return until is not None and until > rig.clock.seconds()
+
+    rig.r.probed("qwen@b", "unknown", "down", 30.0)  # never answered yet: nothing to act on
+    assert not down("qwen@b")
+    rig.r.probed("qwen@a", "up", "down", 30.0)  # answered before, fails now
+    assert down("qwen@a") and "failed its health check" in (rig.state("qwen@a").down_reason or "")
+    assert queued.waiting and rig.state("qwen@b").queued == 1, "its queue went to b"
+    assert rig.r.choose("qwen") == "qwen@b"
+    rig.r.release(on_b.ticket)
+    assert served_by(queued) == "qwen@b" and queued.ticket.failovers == 1
+    rig.r.probed("qwen@a", "down", "up", 30.0)  # answers again: let back at once
+    assert not down("qwen@a") and rig.r.choose("qwen") == "qwen@a"
+
+
+def test_a_model_without_replicas_is_not_marked_down_by_its_probe() -> None:
+    spec = ModelSpec("solo", "http://solo.example:8080")
+    rig = Rig([spec], initial={"default": "solo"})
+    rig.r.probed("solo", "up", "down", 30.0)
+    assert Result(rig.r.admit("solo")).ticket.model == "solo"
+
+
 def test_each_replica_is_tried_once_then_the_request_fails_like_one_model() -> None:
     rig = Rig([rep("a"), rep("b")], retry_backoff=10.0)
     r = rig.admit()
