@@ -16,9 +16,11 @@ from twisted.python.failure import Failure
 
 from jano.errors import Busy, SwapError
 from jano.records import GroupState, ModelSpec, ModelState, SwapEvent
-from jano.scheduler import Draining, ModelUnavailable, Scheduler, Ticket
+from jano.scheduler import Draining, ModelUnavailable, Scheduler
 from jano.scheduler.budget import choose_eviction
 from jano.scheduler.state import Model
+
+from test_scheduler import Result
 
 
 def spec(name: str, memory: Optional[int], group: str = "gpu", conc: int = 4,
@@ -76,37 +78,6 @@ class FakeSwapper:
     @property
     def shapes(self) -> list[tuple[Optional[str], str, Optional[tuple[str, ...]]]]:
         return [c.shape for c in self.calls]
-
-
-class Result:
-    """What an admit Deferred did: a Ticket, a Failure, or nothing yet."""
-
-    def __init__(self, d: Deferred[Ticket]) -> None:
-        self.d = d
-        self.value: Any = None
-        self.fired = 0
-
-        def got(v: Any) -> None:
-            self.fired += 1
-            self.value = v
-
-        d.addBoth(got)
-
-    @property
-    def ticket(self) -> Ticket:
-        assert self.fired == 1 and isinstance(self.value, Ticket), self.value
-        return self.value
-
-    @property
-    def waiting(self) -> bool:
-        return self.fired == 0
-
-    def failed_with(self, kind: type[BaseException]) -> BaseException:
-        assert self.fired == 1 and isinstance(self.value, Failure), self.value
-        assert self.value.check(kind), self.value
-        exc = self.value.value
-        assert exc is not None
-        return exc
 
 
 class Rig:
