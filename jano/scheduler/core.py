@@ -197,6 +197,16 @@ class Scheduler(Policy):
         self._touch(m)
         self._run()
 
+    def clear_down(self, model: str) -> None:
+        """Admit ``model`` again now (it answers again): undo :meth:`mark_down`."""
+        m = self._models.get(model)
+        if m is None or m.down_until is None:
+            return
+        m.down_until = None
+        m.down_reason = None
+        self._touch(m)
+        self._run()
+
     def lost(self, model: str, cause: str, seconds: float) -> None:
         """
         ``model``'s server went away on its own (a crash): its group no longer

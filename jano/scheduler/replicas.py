@@ -306,7 +306,7 @@ class Replicas:
                                            "check", seconds)
         elif (new == "up" and down and state is not None
               and (state.down_reason or "").endswith("failed its health check")):
-            self.scheduler.mark_down(name, "", 0.0)  # down until now: admitted again
+            self.scheduler.clear_down(name)
 
     def load(self, model: str) -> Deferred[None]:
         """

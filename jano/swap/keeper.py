@@ -35,6 +35,8 @@ class Crashes(Protocol):
 
     def mark_down(self, model: str, cause: str, seconds: float) -> None: ...
 
+    def clear_down(self, model: str) -> None: ...
+
     def snapshot(self) -> SchedulerSnapshot: ...
 
 
@@ -87,7 +89,7 @@ class ServerKeeper:
     def _kept(self, _: object, name: str) -> None:
         self._observed(name, "up")
         if self.scheduler is not None:
-            self.scheduler.mark_down(name, "", 0.0)  # down until now: admitted again
+            self.scheduler.clear_down(name)
 
     def _keep_failed(self, failure: Failure, name: str) -> None:
         cause = getattr(failure.value, "cause", None) or failure.getErrorMessage()

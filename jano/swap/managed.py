@@ -75,10 +75,7 @@ class ManagedSwapper:
             the server being started.
         """
         outgoing = list(evict) if evict else ([previous] if previous is not None else [])
-        try:
-            return Deferred.fromCoroutine(self._swap(group, outgoing, target))
-        except Exception:
-            return fail()
+        return Deferred.fromCoroutine(self._swap(group, outgoing, target))
 
     def unload(self, group: str, model: ModelSpec) -> Deferred[Any]:
         """Stop ``model``'s server (or have the script unload it)."""

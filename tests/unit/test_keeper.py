@@ -34,6 +34,9 @@ class FakeScheduler:
     def mark_down(self, model: str, cause: str, seconds: float) -> None:
         self.calls.append(("down", model, cause, seconds))
 
+    def clear_down(self, model: str) -> None:
+        self.calls.append(("up", model, "", 0.0))
+
     def snapshot(self) -> SchedulerSnapshot:
         models = tuple(ModelState(name=n, group="default", queued=0, in_flight=k,
                                   max_concurrency=4, resident=True, always_on=False,
@@ -65,7 +68,7 @@ def test_an_always_on_server_starts_with_jano_and_restarts_after_its_backoff() -
     rig.keeper.start([CHAT, EMBED])
     assert [p.args[-1] for p in rig.reactor.processes] == ["10101"], "only always_on starts"
     assert rig.scheduler.calls[0][:3] == ("down", "embed", "embed is starting")
-    assert rig.scheduler.calls[-1] == ("down", "embed", "", 0.0), "admitted once it answers"
+    assert rig.scheduler.calls[-1] == ("up", "embed", "", 0.0), "admitted once it answers"
     assert rig.health == [("embed", "up")]
     rig.reactor.processes[-1].stderr(b"ggml_cuda: out of memory\n")
     rig.reactor.processes[-1].killed(signal.SIGKILL)

@@ -1034,3 +1034,13 @@ def test_a_failed_swap_may_ask_for_a_longer_backoff_and_keeps_its_phases() -> No
     again = rig.admit("B")
     rig.turn()
     assert again.waiting and rig.swapper.last().target == "B"
+
+
+def test_clear_down_admits_a_model_at_once_without_failing_anyone() -> None:
+    rig = Rig([spec("A"), spec("B")], initial={"gpu": "A"})
+    rig.s.mark_down("A", "starting", 60.0)
+    rig.admit("A").failed_with(ModelUnavailable)
+    rig.s.clear_down("A")
+    assert rig.admit("A").ticket.model == "A"
+    assert rig.state("A").down_until is None
+    rig.s.clear_down("nobody")  # unknown: nothing happens
