@@ -362,7 +362,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "budget holds one model at a time.  loads: loads that ended, the first of each "
               "model included.  evictions: models stopped to make room.  over bound: requests "
               "that waited longer than max_wait + swap cost + the longest service time of the "
-              "run.  Every load takes the swap cost whatever the model's size, and co-resident "
+              "run (one model waiting alone).  over k-bound: requests over the bound README.rst "
+              "states, max_wait + k x (swap cost + longest service), k the models of the "
+              "request's group; only an overloaded GPU may pass it.  Every load takes the swap cost whatever the model's size, and co-resident "
               "models do not slow each other down here.")
     return 0
 

@@ -74,6 +74,8 @@ class Done:
     arrived: float
     dispatched: float
     finished: float
+    #: The swap group of the instance that served it (``None``: not told).
+    group: Optional[str] = None
 
     @property
     def wait(self) -> float:
@@ -105,7 +107,9 @@ class Sim:
 
             def finish() -> None:
                 self.admission.release(ticket)
-                self.done.append(Done(model, arrived, dispatched, self.clock.seconds()))
+                by = ticket.served_by
+                self.done.append(Done(model, arrived, dispatched, self.clock.seconds(),
+                                      by.group if by is not None else None))
                 if then is not None:
                     then()
 

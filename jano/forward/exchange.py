@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLook
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -120,8 +120,10 @@ class Exchange:
         self._tee: Optional[StreamTee] = None
         self._tail: Optional[TailBuffer] = None
         self._content_type: Optional[bytes] = None
-        #: Times the request was queued again after its replica refused the connection.
+        #: Times the request was queued again after its replica refused the connection
+        #: (or, once, lost it before answering).
         self._retries = 0
+        self._lost_once = False
         self._first_arrival: Optional[float] = None
 
     # --- phases -------------------------------------------------------------------
@@ -271,10 +273,19 @@ class Exchange:
             status, msg = 502, f"upstream for model {name!r} refused the connection"
             if instance.serves is not None:  # its queue may go to the other replicas
                 self.fwd.unreachable(instance.name)
-                if self._queue_again():
+                if self._queue_again("refused the connection"):
                     return
-        elif failure.check(ResponseNeverReceived):
+        elif failure.check(ResponseNeverReceived, RequestTransmissionFailed):
             status, msg = 502, f"upstream for model {name!r} closed the connection without answering"
+            # A replica's server dying (or closing a pooled connection as it was
+            # reused) before any byte of an answer: the client has seen nothing,
+            # so the request is queued once more.  The choice may pick the same
+            # replica: a server that died refuses the connection (and is left for
+            # the others then), one that closed an idle connection answers.
+            if instance.serves is not None and not self._lost_once:
+                self._lost_once = True
+                if self._queue_again("gave no answer"):
+                    return
         else:
             status, msg = 502, f"upstream for model {name!r} failed"
         # The detail (which may name the upstream's address) goes to the log only.
@@ -284,18 +295,18 @@ class Exchange:
         write_error(self.request, self.path, status, msg, "upstream_error")
         self._end("upstream_error")
 
-    def _queue_again(self) -> bool:
-        """Queue the request again (it never reached its replica); false when it may not."""
+    def _queue_again(self, why: str) -> bool:
+        """Queue the request again (no answer came from its replica); false when it may not."""
         if (not self.admit or self.ticket is None
-                or self._retries >= len(self.spec.replicas) - 1):
+                or self._retries >= len(self.spec.replicas) - 1 + self._lost_once):
             return False
         self._retries += 1
         ticket, self.ticket = self.ticket, None
         if self._first_arrival is None:
             self._first_arrival = ticket.arrived_at
         self.fwd.admission.release(ticket)
-        self.log.info("{model}: replica {replica} refused the connection; queueing the request "
-                      "again", model=self.spec.name, replica=self.instance.name)
+        self.log.info("{model}: replica {replica} {why}; queueing the request again",
+                      model=self.spec.name, replica=self.instance.name, why=why)
         self.instance = self.spec
         self.phase = "queued"
         d = self.fwd.admission.admit(self.spec.name)

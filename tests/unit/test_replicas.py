@@ -12,8 +12,10 @@ from typing import Any, Optional, Sequence
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
@@ -405,6 +407,69 @@ def test_a_replica_that_refuses_connections_sends_the_next_requests_to_the_other
     assert w2.hosts() == [HOST_A, HOST_B]
     resp, body = w2.chat()
     assert resp.code == 503 and "every replica is down" in body.decode()
+
+
+@implementer(IAgent)
+class Scripted:
+    """An upstream that fails its first requests as ``script`` says, then acts as ``then``."""
+
+    def __init__(self, script: list[Exception], then: Any) -> None:
+        self.script = script
+        self.then = then
+
+    def request(self, *a: Any, **k: Any) -> "Deferred[IResponse]":
+        if self.script:
+            return fail(self.script.pop(0))
+        if isinstance(self.then, Exception):
+            return fail(self.then)
+        d: Deferred[IResponse] = self.then.request(*a, **k)
+        return d
+
+
+def lost() -> ResponseNeverReceived:
+    return ResponseNeverReceived([Failure(ConnectionLost("gone in a non-clean fashion"))])
+
+
+def test_a_replica_that_dies_as_a_request_reaches_it_sends_the_request_elsewhere() -> None:
+    # Its server was killed as the request was sent (the connection closes,
+    # no answer), then refuses: the request goes to the other replica.  This
+    # is the race the multi-host process test met when a host's server died.
+    w = ReplicaWorld(initial=True)
+    w.agent.agents[HOST_A] = w.agent.agents["user:secret@" + HOST_A] = Scripted(
+        [lost()], ConnectionRefusedError())
+    w.clock.advance(100.0)
+    resp, body = w.chat()
+    assert resp.code == 200, body
+    assert w.hosts() == [HOST_A, HOST_A, HOST_B]
+    record = w.usage()[0]
+    assert (record["model"], record["outcome"]) == ("qwen", "completed")
+    assert json.loads(w.call("GET", "/status")[1])["replicas"]["qwen"][0]["down"] is not None
+
+
+def test_a_replica_that_closed_a_pooled_connection_is_asked_again() -> None:
+    # An idle keep-alive connection closed by the server just as it was reused:
+    # the same replica answers on a new connection, and nothing is marked down.
+    w = ReplicaWorld(initial=True)
+    real = w.agent.agents[HOST_A]
+    w.agent.agents[HOST_A] = w.agent.agents["user:secret@" + HOST_A] = Scripted(
+        [RequestTransmissionFailed([Failure(ConnectionLost("closed while idle"))])], real)
+    w.clock.advance(100.0)
+    resp, body = w.chat()
+    assert resp.code == 200, body
+    assert w.hosts() == [HOST_A, HOST_A]
+    assert json.loads(w.call("GET", "/status")[1])["replicas"]["qwen"][0]["down"] is None
+
+
+def test_a_replica_that_keeps_dropping_connections_gets_one_more_try_then_a_502() -> None:
+    w = ReplicaWorld(initial=True)
+    w.agent.agents[HOST_A] = w.agent.agents["user:secret@" + HOST_A] = Scripted([], lost())
+    w.clock.advance(100.0)
+    resp, body = w.chat()
+    assert resp.code == 502, body
+    message = json.loads(body)["error"]["message"]
+    assert "closed the connection without answering" in message and "127.0.0." not in message
+    assert w.hosts() == [HOST_A, HOST_A]
+    assert w.usage()[0]["outcome"] == "upstream_error"
 
 
 def test_a_reload_that_removes_a_replica_moves_its_queue_to_the_others() -> None:
