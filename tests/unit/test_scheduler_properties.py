@@ -380,6 +380,24 @@ def setups(draw: Any, *, failures: bool, cancels: bool, ample: bool,
 # --- properties --------------------------------------------------------------------------------
 
 
+def assert_guard_bound(setup: Setup) -> None:
+    """Every dispatched request waited at most ``max_wait + k * (S + D)`` of its group."""
+    max_swap = max(setup.swap_durations)
+    for r in setup.reqs:
+        if r.ticket is None:
+            continue
+        group = setup.group_of(r.model)
+        wait = r.ticket.queue_wait
+        assert wait is not None
+        if group is None:
+            assert wait == 0.0
+            continue
+        members = setup.members(group)
+        d_max = max(x.service for x in setup.reqs if x.model in members)
+        bound = setup.max_wait + len(members) * (max_swap + d_max)
+        assert wait <= bound + EPS, (r, wait, bound)
+
+
 @SETTINGS
 @given(setups(failures=True, cancels=True, ample=False))
 def test_every_request_ends_exactly_once_and_swaps_never_evict(setup: Setup) -> None:
@@ -426,21 +444,7 @@ def test_no_request_waits_beyond_the_guard_bound(setup: Setup) -> None:
     world = World(setup)
     world.run()
     world.check_common()
-    max_swap = max(setup.swap_durations)
-    for r in setup.reqs:
-        if r.ticket is None:
-            continue
-        group = setup.group_of(r.model)
-        wait = r.ticket.queue_wait
-        assert wait is not None
-        if group is None:
-            assert wait == 0.0
-            continue
-        members = setup.members(group)
-        k = len(members)
-        d_max = max(x.service for x in setup.reqs if x.model in members)
-        bound = setup.max_wait + k * (max_swap + d_max)
-        assert wait <= bound + EPS, (r, wait, bound)
+    assert_guard_bound(setup)
 
 
 def test_guard_bound_when_the_own_model_is_resident_but_held_back() -> None:
@@ -542,20 +546,7 @@ def test_budget_groups_keep_the_guard_bound(setup: Setup) -> None:
     world = World(setup)
     world.run()
     world.check_common()
-    max_swap = max(setup.swap_durations)
-    for r in setup.reqs:
-        if r.ticket is None:
-            continue
-        group = setup.group_of(r.model)
-        wait = r.ticket.queue_wait
-        assert wait is not None
-        if group is None:
-            assert wait == 0.0
-            continue
-        members = setup.members(group)
-        d_max = max(x.service for x in setup.reqs if x.model in members)
-        bound = setup.max_wait + len(members) * (max_swap + d_max)
-        assert wait <= bound + EPS, (r, wait, bound)
+    assert_guard_bound(setup)
 
 
 @BUDGET_SETTINGS
