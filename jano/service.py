@@ -34,8 +34,7 @@ from jano.swap.health import HealthMonitor
 from jano.swap.keeper import ServerKeeper
 from jano.swap.logring import LogRing
 from jano.swap.managed import ManagedSwapper
-from jano.swap.startup import check_commands, with_ports
-from jano.swap.supervisor import Supervisor
+from jano.swap.startup import check_commands, managed_servers, with_ports
 from jano.telemetry import Telemetry
 from jano.telemetry.history import HistorySampler
 from jano.telemetry.store import UsageStore
@@ -199,22 +198,10 @@ class JanoService(MultiService):
                                unload_command=config.swap.unload)
         if not any(m.managed for m in config.models):
             return script
-        proc = config.processes
-        if self.keeper is None:
-            supervisor = Supervisor(self.reactor, log_bytes=proc.log_bytes,
-                                    backoff=proc.restart_backoff,
-                                    backoff_max=proc.restart_backoff_max)
-        else:
-            supervisor = self.keeper.supervisor
-            supervisor.backoff, supervisor.backoff_max = proc.restart_backoff, proc.restart_backoff_max
-        managed = ManagedSwapper(self.reactor, supervisor,
-                                 script if config.swap.command else None, self.probe,
-                                 ready_timeout=sch.ready_timeout)
-        if self.keeper is None:
-            self.keeper = ServerKeeper(self.reactor, managed, self._observed)
-        else:
-            self.keeper.swapper = managed
-        return managed
+        self.keeper = managed_servers(self.reactor, config,
+                                      script if config.swap.command else None, self.probe,
+                                      self._observed, self.keeper)
+        return self.keeper.swapper
 
     def _log_ring(self, model: str) -> Optional[LogRing]:
         return self.keeper.supervisor.ring(model) if self.keeper is not None else None

@@ -18,6 +18,20 @@ def require(tool_ok: bool, why: str) -> None:
     pytest.skip(why)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run records (``processes.runs_dir``'s default) go to a folder of the test session's."""
+    saved = {k: os.environ.get(k) for k in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR")}
+    os.environ.pop("RUNTIME_DIRECTORY", None)
+    os.environ["XDG_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "logs_errors: the test expects Twisted to log errors (the error observer "

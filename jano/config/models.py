@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from jano.config.checks import check_keys, get, positive, table, type_name, upstream_url
 from jano.config.records import ConfigError, GroupConfig, ProcessesConfig
@@ -45,11 +45,13 @@ def parse_memory(value: object, where: str) -> int:
     return int(round(mib))
 
 
-def parse_processes(doc: Mapping[str, Any]) -> ProcessesConfig:
+def parse_processes(doc: Mapping[str, Any], base: Path,
+                    default_runs: Callable[[], Path]) -> ProcessesConfig:
     """``[processes]``: the ports and logs of the servers Jano runs."""
     raw = table(doc, "processes")
-    check_keys(raw, ("port_range", "log_bytes", "restart_backoff", "restart_backoff_max"),
-               "processes")
+    check_keys(raw, ("port_range", "log_bytes", "restart_backoff", "restart_backoff_max",
+                     "runs_dir"), "processes")
+    runs = get(raw, "runs_dir", "processes", str, None)
     ports = raw.get("port_range", [10100, 10299])
     if (not isinstance(ports, list) or len(ports) != 2
             or not all(isinstance(p, int) and not isinstance(p, bool) for p in ports)
@@ -65,6 +67,7 @@ def parse_processes(doc: Mapping[str, Any]) -> ProcessesConfig:
         restart_backoff_max=get(raw, "restart_backoff_max", "processes", float, 300.0,
                                 lambda v: None if v >= backoff
                                 else "expected at least processes.restart_backoff"),
+        runs_dir=str(default_runs()) if runs is None else str(base / runs) if runs else "",
     )
 
 

@@ -103,7 +103,7 @@ def parse_config(doc: Mapping[str, Any], *, source: Optional[str] = None,
     )
 
     models = parse_models(doc.get("models"), base)
-    processes = parse_processes(doc)
+    processes = parse_processes(doc, base, default_runs_dir)
     groups = parse_groups(doc)
     problem = group_budget_errors(models, groups)
     if problem:
@@ -212,6 +212,23 @@ def default_database(env: Mapping[str, str] = os.environ) -> Path:
         return Path(state.split(":")[0]) / "usage.sqlite3"
     xdg = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
     return Path(xdg) / "jano" / "usage.sqlite3"
+
+
+def default_runs_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """
+    Where the records of Jano runs with managed servers go (``processes.runs_dir``):
+    systemd's ``$RUNTIME_DIRECTORY`` (``RuntimeDirectory=jano``), else
+    ``$XDG_RUNTIME_DIR/jano``, else ``$XDG_STATE_HOME/jano/runs`` or
+    ``~/.local/state/jano/runs``.
+    """
+    runtime = env.get("RUNTIME_DIRECTORY")
+    if runtime:
+        return Path(runtime.split(":")[0])
+    xdg_run = env.get("XDG_RUNTIME_DIR")
+    if xdg_run:
+        return Path(xdg_run) / "jano"
+    xdg = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
+    return Path(xdg) / "jano" / "runs"
 
 
 def default_config_paths(env: Mapping[str, str] = os.environ) -> list[Path]:

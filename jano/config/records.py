@@ -107,6 +107,9 @@ class ProcessesConfig:
     restart_backoff: float = 2.0
     #: The ceiling of that wait.
     restart_backoff_max: float = 300.0
+    #: Where each Jano run with managed servers leaves a record, so that the
+    #: next one kills what a run killed with SIGKILL left (``""``: no records).
+    runs_dir: str = ""
 
 
 @dataclass(frozen=True, slots=True)

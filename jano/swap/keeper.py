@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from jano.records import HealthState, ModelSpec, SchedulerSnapshot
 from jano.swap.managed import ManagedSwapper
+from jano.swap.orphans import Runs
 from jano.swap.supervisor import Supervisor
 
 __all__ = ["ServerKeeper", "Crashes"]
@@ -50,13 +51,17 @@ class ServerKeeper:
     :param reactor: ``callLater`` and ``seconds``.
     :param swapper: starts servers and waits for their health.
     :param observed: tells the health monitor what a start or crash showed.
+    :param runs: this run's record (what a Jano killed before left is
+        killed at :meth:`start`; the record goes at a clean :meth:`stop`).
     """
 
     log = Logger()
 
     def __init__(self, reactor: Any, swapper: ManagedSwapper,
-                 observed: Callable[[str, HealthState], None]) -> None:
+                 observed: Callable[[str, HealthState], None],
+                 runs: Optional[Runs] = None) -> None:
         self._reactor = reactor
+        self.runs = runs
         self.swapper = swapper
         self.supervisor: Supervisor = swapper.supervisor
         self.supervisor.on_crash = self.crashed
@@ -69,12 +74,30 @@ class ServerKeeper:
     # --- always_on ---------------------------------------------------------------------
 
     def start(self, models: Sequence[ModelSpec]) -> None:
-        """Start every ``always_on`` managed model; keep them running from now on."""
+        """
+        Kill what a Jano that died left, then start every ``always_on``
+        managed model; keep them running from now on.
+        """
+        if self.runs is not None and not self._running:
+            self._claim(self.runs)
         self._running = True
         self._models = {m.name: m for m in models}
         for spec in models:
             if spec.managed and spec.always_on:
                 self._keep(spec.name)
+
+    def _claim(self, runs: Runs) -> None:
+        try:
+            reaped = runs.claim()
+        except OSError as e:
+            self.log.warn("cannot record this run in {folder} ({error}); if Jano is killed with "
+                          "SIGKILL, processes its servers started may outlive it",
+                          folder=str(runs.folder), error=e)
+            return
+        for token, pids in reaped.items():
+            if pids:
+                self.log.warn("killed {n} process(es) {pids} left running by a Jano that died "
+                              "(run {token})", n=len(pids), pids=pids, token=token)
 
     def _keep(self, name: str) -> None:
         self._calls.pop(name, None)
@@ -159,4 +182,12 @@ class ServerKeeper:
             if call.active():
                 call.cancel()
         self._calls.clear()
-        return DeferredList([self.supervisor.stop_all()])
+        stopped = DeferredList([self.supervisor.stop_all()])
+        if self.runs is not None:
+            runs = self.runs
+
+            def forget(result: Any) -> Any:
+                runs.release()
+                return result
+            stopped.addCallback(forget)
+        return stopped

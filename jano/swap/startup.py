@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Mapping, Optional
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+from twisted.internet.defer import Deferred
 
 from jano.config import Config, ConfigError
+from jano.records import HealthState
 from jano.swap.command import check_swap_command
+from jano.swap.keeper import ServerKeeper
+from jano.swap.managed import ManagedSwapper
+from jano.swap.orphans import Runs
 from jano.swap.ports import PortsExhausted, allocate_ports
+from jano.swap.supervisor import Supervisor
+from jano.swap.swapper import ScriptSwapper, SwapReactor
 
-__all__ = ["with_ports", "check_commands"]
+__all__ = ["with_ports", "check_commands", "managed_servers"]
 
 
 _LISTEN_PORT = re.compile(r"^tcp6?:(?:port=)?(\d+)(?::|$)")
@@ -45,3 +54,28 @@ def check_commands(config: Config, old: Optional[Config] = None) -> None:
     for spec in config.models:
         if spec.managed and before.get(spec.name) != spec.command:
             check_swap_command(spec.command, cwd=spec.cwd, what=f"models ({spec.name}).command")
+
+
+def managed_servers(reactor: SwapReactor, config: Config, script: Optional[ScriptSwapper],
+                    probe: Callable[[str], Deferred[int]], observed: Callable[[str, HealthState], None],
+                    keeper: Optional[ServerKeeper] = None) -> ServerKeeper:
+    """
+    The keeper of ``config``'s managed servers, its swapper over ``script``
+    (for the models without a command); on reload, ``keeper`` updated (its
+    servers, logs and run record carry on).
+    """
+    proc = config.processes
+    if keeper is None:
+        runs = Runs(Path(proc.runs_dir)) if proc.runs_dir else None
+        supervisor = Supervisor(reactor, log_bytes=proc.log_bytes, backoff=proc.restart_backoff,
+                                backoff_max=proc.restart_backoff_max,
+                                run_token=runs.token if runs is not None else None)
+    else:
+        supervisor = keeper.supervisor
+        supervisor.backoff, supervisor.backoff_max = proc.restart_backoff, proc.restart_backoff_max
+    managed = ManagedSwapper(reactor, supervisor, script, probe,
+                             ready_timeout=config.scheduler.ready_timeout)
+    if keeper is None:
+        return ServerKeeper(reactor, managed, observed, runs)
+    keeper.swapper = managed
+    return keeper

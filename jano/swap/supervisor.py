@@ -26,6 +26,7 @@ from jano.errors import SwapError
 from jano.records import ModelSpec, iso
 from jano.swap.child import ServerProtocol, server_argv
 from jano.swap.logring import LogRing
+from jano.swap.orphans import RUN_ENV
 from jano.swap.ports import port_is_free
 from jano.swap.swapper import SwapReactor
 
@@ -98,6 +99,8 @@ class Supervisor:
     :param killpg: signals a process group (tests record it).
     :param is_free: whether a port is free (tests fake it).
     :param env: the base environment (default: Jano's own, read at each start).
+    :param run_token: set as ``JANO_RUN`` in each server's environment, so what
+        the server starts carries it too (:mod:`jano.swap.orphans`).
     """
 
     log = Logger()
@@ -107,7 +110,8 @@ class Supervisor:
                  on_crash: Optional[Callable[[ModelSpec, str, float], None]] = None,
                  killpg: Callable[[int, int], None] = os.killpg,
                  is_free: Callable[[int], bool] = port_is_free,
-                 env: Optional[Mapping[str, str]] = None) -> None:
+                 env: Optional[Mapping[str, str]] = None,
+                 run_token: Optional[str] = None) -> None:
         self._reactor = reactor
         self.log_bytes = log_bytes
         self.backoff = backoff
@@ -116,6 +120,7 @@ class Supervisor:
         self._killpg = killpg
         self._is_free = is_free
         self._env = env
+        self.run_token = run_token
         self.children: dict[str, Child] = {}
 
     # --- the table -------------------------------------------------------------------
@@ -159,6 +164,8 @@ class Supervisor:
         env = dict(os.environ if self._env is None else self._env)
         env.update(spec.env)
         env["JANO_MODEL"] = spec.name
+        if self.run_token is not None:
+            env[RUN_ENV] = self.run_token
         if spec.port is not None:
             env["JANO_PORT"] = str(spec.port)
         protocol = ServerProtocol(child.ring)

@@ -191,6 +191,44 @@ port = {free_port()}
         again.stop(signal.SIGTERM)
 
 
+def test_what_a_killed_janos_server_started_is_killed_by_the_next_jano(tmp_path: Path) -> None:
+    # The server starts a helper of its own: PR_SET_PDEATHSIG reaches only the
+    # server, so after Jano's SIGKILL the helper lives on, until the next Jano
+    # starts and finds the dead run's record.
+    script = ("sleep 300 & echo \"helper pid $!\"; exec " + sys.executable
+              + " -m jano.testing --port $JANO_PORT --model alpha --quiet")
+    cfg = config(f"""
+[[models]]
+name = "alpha"
+command = {json.dumps(["sh", "-c", script])}
+""", extra=f"runs_dir = {json.dumps(str(tmp_path / 'runs'))}")
+    jano = start_jano(tmp_path, cfg)
+    assert chat(jano.url, "alpha")[0] == 200
+    server = pid_of(jano.url, "alpha")
+    lines = get(jano.url + "/logs/alpha")[2].decode().splitlines()
+    helper = int(next(line for line in lines if "helper pid" in line).rsplit(" ", 1)[1])
+    assert server is not None and alive(helper)
+    assert [p.suffix for p in (tmp_path / "runs").iterdir()] == [".run"]
+    jano.stop(signal.SIGKILL)
+    try:
+        wait_until(lambda: not alive(server), 5, "the server to die with Jano")
+        time.sleep(0.5)
+        assert alive(helper), "the helper outlives Jano's SIGKILL (what the records are for)"
+
+        again = start_jano(tmp_path, cfg)
+        try:
+            wait_until(lambda: not alive(helper), 5, "the next Jano to kill the helper")
+            assert "left running by a Jano that died" in again.log.read_text()
+            assert len(list((tmp_path / "runs").iterdir())) == 1  # the new run's only
+            assert chat(again.url, "alpha")[0] == 200
+        finally:
+            assert again.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+        assert list((tmp_path / "runs").iterdir()) == [], "a clean stop forgets its run"
+    finally:
+        if alive(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
 def test_start_failures_are_503s_with_their_cause_and_nothing_is_left_running(
         tmp_path: Path) -> None:
     taken = socket.socket()
