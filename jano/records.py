@@ -54,6 +54,10 @@ class ModelSpec:
     #: MiB the model needs once loaded (``groups.<name>.memory`` budgets);
     #: ``None``: not stated.
     memory: Optional[int] = None
+    #: For a replica: a request may go to another replica (loading the model
+    #: there if its GPU is idle) when it would start sooner than in the queue of
+    #: the one holding the model (:mod:`jano.scheduler.choice`).
+    spread: bool = False
     #: For a replica (one of several instances serving one model, see
     #: :mod:`jano.scheduler.replicas`): the name clients use; ``None``: the
     #: model serves under its own name.
@@ -157,6 +161,11 @@ class SwapEvent:
     #: Seconds per phase, in order: ``stop``/``start``/``ready`` for managed
     #: models, ``script``/``ready`` for the swap script; empty when unknown.
     phases: tuple[tuple[str, float], ...] = ()
+    #: Every model this swap unloaded, in the order given to the swapper:
+    #: with a memory budget, all the residents evicted for ``to_model``
+    #: (``from_model`` is only the first); without one, ``(from_model,)``
+    #: when there was a previous model; for an unload, the unloaded model.
+    evicted: tuple[str, ...] = ()
 
 
 Outcome = Literal[

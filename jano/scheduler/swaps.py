@@ -108,6 +108,10 @@ class SwapRunner:
                           group=g.name, previous=previous.name if previous else None,
                           target=target.name, queued=target.live)
         evict_specs = tuple(e.spec for e in evict)
+        if budget:
+            evicted = tuple(e.name for e in evict)
+        else:
+            evicted = (previous.name,) if previous is not None else ()
 
         def begin() -> None:
             try:
@@ -120,13 +124,13 @@ class SwapRunner:
             except Exception:
                 d = fail()
             d.addCallbacks(self._swap_ok, self._swap_failed,
-                           callbackArgs=(g, token, previous, target, now),
-                           errbackArgs=(g, token, previous, target, now))
+                           callbackArgs=(g, token, previous, target, now, evicted),
+                           errbackArgs=(g, token, previous, target, now, evicted))
 
         self._actions.append(begin)
 
     def _swap_ok(self, outcome: object, g: Group, token: int, previous: Optional[Model],
-                 target: Model, started: float) -> None:
+                 target: Model, started: float, evicted: tuple[str, ...]) -> None:
         if g.swap_token != token or g.swapping_to is not target:
             return
         now = self.clock.seconds()
@@ -150,12 +154,13 @@ class SwapRunner:
         self.log.info("group {group}: {target} loaded in {duration:.2f}s",
                       group=g.name, target=target.name, duration=now - started)
         self._report(SwapEvent(g.name, previous.name if previous else None, target.name,
-                               started, now - started, "ok", phases=phases_of(outcome)))
+                               started, now - started, "ok", phases=phases_of(outcome),
+                               evicted=evicted))
         self._dirty[g] = None
         self._run()
 
     def _swap_failed(self, failure: Failure, g: Group, token: int, previous: Optional[Model],
-                     target: Model, started: float) -> None:
+                     target: Model, started: float, evicted: tuple[str, ...]) -> None:
         if g.swap_token != token or g.swapping_to is not target:
             return
         now = self.clock.seconds()
@@ -165,8 +170,8 @@ class SwapRunner:
             backoff = self.retry_backoff
         g.swapping_to = None
         g.swap_started_at = None
-        evicted, g.evicting = g.evicting, ()
-        for e in evicted:  # stopped or not, nobody knows: not counted as loaded
+        stopping, g.evicting = g.evicting, ()
+        for e in stopping:  # stopped or not, nobody knows: not counted as loaded
             e.loaded_at = None
         if g.budget is None:
             g.resident = None  # the script may have stopped the previous model
@@ -182,7 +187,7 @@ class SwapRunner:
                       failed=len(waiters), backoff=backoff)
         self._report(SwapEvent(g.name, previous.name if previous else None, target.name,
                                started, now - started, result, cause,
-                               phases=phases_of(failure)))
+                               phases=phases_of(failure), evicted=evicted))
         for w in waiters:
             self._fail_waiter(w, ModelUnavailable(target.name, cause, backoff))
         self._dirty[g] = None
@@ -251,12 +256,12 @@ class SwapRunner:
                           "{cause}; the slot is unknown", group=g.name, model=r.name,
                           result=result, duration=now - started, cause=cause)
             event = SwapEvent(g.name, r.name, None, started, now - started, result, cause,
-                              kind="unload", reason=reason)
+                              kind="unload", reason=reason, evicted=(r.name,))
         else:
             self.log.info("group {group}: {model} unloaded in {duration:.2f}s", group=g.name,
                           model=r.name, duration=now - started)
             event = SwapEvent(g.name, r.name, None, started, now - started, "ok",
-                              kind="unload", reason=reason)
+                              kind="unload", reason=reason, evicted=(r.name,))
         self._report(event)
         self._dirty[g] = None
         self._run()

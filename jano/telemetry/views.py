@@ -166,6 +166,7 @@ def _swap_entry(event: SwapEvent) -> dict[str, object]:
         "group": event.group,
         "from": event.from_model,
         "to": event.to_model,
+        "evicted": list(event.evicted),
         "kind": event.kind,
         "reason": event.reason,
         "result": event.result,

@@ -564,7 +564,7 @@ def test_failed_swap_fails_waiters_fast_marks_down_and_others_go_on() -> None:
         assert err.cause == "swap script timed out after 3s (killed)" and err.retry_after == 30
         assert err.model == "B"
     assert rig.events == [SwapEvent("gpu", "A", "B", 0.0, 4.0, "timeout",
-                                    "swap script timed out after 3s (killed)")]
+                                    "swap script timed out after 3s (killed)", evicted=("A",))]
     st = rig.state("B")
     assert st.down_until == 34 and st.down_reason == "swap script timed out after 3s (killed)"
     # The slot is unknown now; the group is not wedged: C is next, from an unknown slot.

@@ -15,10 +15,11 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from jano.errors import Busy, SwapError
-from jano.records import GroupState, ModelSpec, ModelState, SwapEvent
+from jano.records import GroupState, ModelSpec, ModelState, SchedulerSnapshot, SwapEvent
 from jano.scheduler import Draining, ModelUnavailable, Scheduler
 from jano.scheduler.budget import choose_eviction
 from jano.scheduler.state import Model
+from jano.telemetry import Telemetry
 
 from test_scheduler import Result
 
@@ -663,3 +664,83 @@ def test_a_model_without_stated_memory_takes_the_whole_budget() -> None:
     m = Model(spec("m", None), lambda w: None)
     assert names(choose_eviction(24, [m], budget=24)) == ["m"]
     assert names(choose_eviction(25, [m], budget=24)) is None
+
+
+# --- what a swap reports as evicted -------------------------------------------------------------
+
+
+def _two_to_evict() -> Rig:
+    """Budget 24: A 6 (used at 3), B 6 (at 1), C 6 (at 2); D (16) evicts B and C, in that order."""
+    rig = Rig([spec("A", 6), spec("B", 6), spec("C", 6), spec("D", 16)], budgets={"gpu": 24},
+              retry_backoff=5.0)
+    rig.load("A", "B", "C")
+    for t, name in ((1.0, "B"), (2.0, "C"), (3.0, "A")):
+        rig.at(t)
+        rig.use(name)
+    rig.admit("D")
+    rig.turn()
+    assert rig.swapper.last().shape == ("B", "D", ("B", "C"))
+    return rig
+
+
+def test_a_load_that_evicts_two_residents_reports_both_evicted() -> None:
+    rig = _two_to_evict()
+    assert [e.evicted for e in rig.events] == [(), (), ()]  # loads beside: nothing evicted
+    rig.at(5.0)
+    rig.swapper.last().succeed()
+    e = rig.events[-1]
+    assert (e.kind, e.from_model, e.to_model, e.result, e.evicted) == (
+        "swap", "B", "D", "ok", ("B", "C"))
+    assert rig.group().residents == ("A", "D")
+
+
+def test_a_failed_load_that_evicted_two_residents_reports_both_evicted() -> None:
+    rig = _two_to_evict()
+    rig.swapper.last().fail(SwapError("failed", "out of memory"))
+    e = rig.events[-1]
+    assert (e.from_model, e.to_model, e.result, e.evicted) == ("B", "D", "failed", ("B", "C"))
+
+
+def test_a_one_resident_group_reports_the_previous_model_as_evicted() -> None:
+    rig = Rig([spec("A", None), spec("B", None)], budgets={})
+    a = rig.admit("A")
+    rig.turn()
+    assert rig.swapper.last().shape == (None, "A", None)
+    rig.swapper.last().succeed()
+    rig.s.release(a.ticket)
+    b = rig.admit("B")
+    rig.turn()
+    assert rig.swapper.last().shape == ("A", "B", None)
+    rig.swapper.last().succeed()
+    rig.s.release(b.ticket)
+    a = rig.admit("A")
+    rig.turn()
+    rig.swapper.last().fail(SwapError("timeout", "too slow"))
+    assert [(e.from_model, e.to_model, e.result, e.evicted) for e in rig.events] == [
+        (None, "A", "ok", ()), ("A", "B", "ok", ("A",)), ("B", "A", "timeout", ("B",))]
+
+
+def test_an_unload_reports_the_unloaded_model_as_evicted() -> None:
+    rig = Rig([spec("A", 8), spec("B", 8)], budgets={"gpu": 24})
+    rig.load("A", "B")
+    assert rig.s.unload("A") is True
+    rig.swapper.last().succeed()
+    assert rig.s.unload("B") is True
+    rig.swapper.last().fail(SwapError("failed", "kill failed"))
+    assert [(e.kind, e.from_model, e.result, e.evicted) for e in rig.events][-2:] == [
+        ("unload", "A", "ok", ("A",)), ("unload", "B", "failed", ("B",))]
+
+
+def test_status_recent_swaps_list_every_evicted_model() -> None:
+    rig = _two_to_evict()
+    rig.swapper.last().succeed()
+    snap = SchedulerSnapshot(at=0.0, models=(), groups=())
+    t = Telemetry(Clock(), (), version="x", snapshot=lambda: snap, health=lambda: {})
+    for e in rig.events:
+        t.swap_finished(e)
+    status = t.status()
+    swaps: Any = status["recentSwaps"]
+    assert [(s["from"], s["to"], s["evicted"]) for s in swaps] == [
+        ("B", "D", ["B", "C"]), (None, "C", []), (None, "B", []), (None, "A", [])]
+    last: Any = status["lastSwap"]
+    assert last["evicted"] == ["B", "C"]

@@ -341,6 +341,7 @@ def test_swaps_last_hour_and_last_swap() -> None:
         "group": "default",
         "from": "small",
         "to": "big",
+        "evicted": [],
         "kind": "swap",
         "reason": None,
         "result": "timeout",
@@ -712,12 +713,13 @@ def test_an_unload_is_on_the_timeline_and_counted_apart_from_swaps() -> None:
 
     clock, scheduler, _, telemetry = make(start=10_000.0)
     telemetry.swap_finished(SwapEvent("default", "big", None, 10_000.0, 0.4, "ok",
-                                      kind="unload", reason="idle"))
+                                      kind="unload", reason="idle", evicted=("big",)))
     status = telemetry.status()
     assert status["swapsLastHour"] == 0 and status["lastSwap"] is None
     entry: Any = status["recentSwaps"][0]  # type: ignore[index]
     assert (entry["from"], entry["to"], entry["kind"], entry["reason"], entry["result"],
             entry["durationMs"]) == ("big", None, "unload", "idle", "ok", 400.0)
+    assert entry["evicted"] == ["big"]
     ctype, body = telemetry.metrics(None)
     samples = [s for f in text_string_to_metric_families(body.decode())
                for s in f.samples if s.name == "jano_model_unloads_total"]

@@ -92,7 +92,7 @@
   const isUnload = (s) => s.kind === "unload" || (s.to == null && !isReload(s));
   const kindOf = (s) => (isReload(s) ? "reload" : isUnload(s) ? "unload" : "swap");
   const swapText = (s) => (isReload(s) ? `${s.to ?? s.from} reloaded by the ${s.reason || "backend"}`
-    : `${s.from ?? "nothing"} → ` + (isUnload(s) ? `nothing (unloaded${s.reason ? ", " + s.reason : ""})` : s.to));
+    : `${(s.evicted && s.evicted.length > 1 ? s.evicted.join(" + ") : s.from) ?? "nothing"} → ` + (isUnload(s) ? `nothing (unloaded${s.reason ? ", " + s.reason : ""})` : s.to));
 
   /* -- talking to Jano -------------------------------------------------- */
 
