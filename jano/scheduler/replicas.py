@@ -181,9 +181,10 @@ class Replicas:
         """
         to = self.public_name(event.to_model) if event.to_model is not None else None
         was = self.public_name(event.from_model) if event.from_model is not None else None
-        if (to, was) == (event.to_model, event.from_model):
+        evicted = tuple(self.public_name(n) for n in event.evicted)
+        if (to, was, evicted) == (event.to_model, event.from_model, event.evicted):
             return event
-        return replace(event, to_model=to, from_model=was)
+        return replace(event, to_model=to, from_model=was, evicted=evicted)
 
     def health_of(self, states: Mapping[str, HealthState]) -> dict[str, HealthState]:
         """``states`` (each instance's) with each model served by replicas added (the best)."""
