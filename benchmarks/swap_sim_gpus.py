@@ -90,6 +90,8 @@ class Layout(NamedTuple):
     groups: Mapping[str, tuple[str, ...]]
     #: Group -> MiB; a group not listed holds one model at a time.
     budgets: Mapping[str, int] = {}
+    #: Replicated models spread (``models[].spread``): a long queue loads an idle replica.
+    spread: bool = False
 
     def instances(self, names: Sequence[str], memory: Mapping[str, int],
                   concurrency: int) -> list[ModelSpec]:
@@ -101,7 +103,8 @@ class Layout(NamedTuple):
                 specs.append(ModelSpec(f"{n}@{g}" if replica else n,
                                        f"http://127.0.0.1:{9000 + len(specs)}",
                                        max_concurrency=concurrency, group=g,
-                                       memory=memory.get(n), serves=n if replica else None))
+                                       memory=memory.get(n), serves=n if replica else None,
+                                       spread=self.spread and replica))
         return specs
 
 
@@ -207,7 +210,9 @@ def agents_chat(rng: random.Random, service: float) -> Workload:
 
     layouts = [Layout("1 GPU", {m: ("gpu0",) for m in models}),
                pinned(["chat", "planner"]), pinned(["chat", "reviewer"]),
-               Layout("2 GPUs, all replicated on both", {m: ("gpu0", "gpu1") for m in models})]
+               Layout("2 GPUs, all replicated on both", {m: ("gpu0", "gpu1") for m in models}),
+               Layout("2 GPUs, all replicated, spread", {m: ("gpu0", "gpu1") for m in models},
+                      spread=True)]
     return Workload(models, {}, closed_loop(clients), layouts)
 
 
@@ -238,7 +243,12 @@ def chat_surge(rng: random.Random, service: float) -> Workload:
                       {"chat": ("gpu0",), "planner": ("gpu1",), "coder": ("gpu1",)}),
                Layout("2 GPUs: chat on both, planner+coder",
                       {"chat": ("gpu0", "gpu1"), "planner": ("gpu1",), "coder": ("gpu1",)}),
-               Layout("2 GPUs, all replicated on both", {m: ("gpu0", "gpu1") for m in models})]
+               Layout("2 GPUs: chat on both, spread, planner+coder",
+                      {"chat": ("gpu0", "gpu1"), "planner": ("gpu1",), "coder": ("gpu1",)},
+                      spread=True),
+               Layout("2 GPUs, all replicated on both", {m: ("gpu0", "gpu1") for m in models}),
+               Layout("2 GPUs, all replicated, spread", {m: ("gpu0", "gpu1") for m in models},
+                      spread=True)]
     return Workload(models, {}, schedule, layouts)
 
 

@@ -18,7 +18,8 @@ from jano.records import DEFAULT_HEALTH, ModelSpec
 __all__ = ["parse_models", "parse_processes", "parse_groups", "parse_memory", "MANAGED_UPSTREAM"]
 
 _MODEL_KEYS = ("name", "upstream", "upstreams", "kind", "health", "max_concurrency", "group",
-               "always_on", "ttl", "command", "env", "cwd", "stop_timeout", "port", "memory")
+               "always_on", "ttl", "command", "env", "cwd", "stop_timeout", "port", "memory",
+               "spread")
 #: What one replica (a table in ``upstreams``) may set for itself; the rest is the model's.
 _REPLICA_KEYS = ("url", "group", "command", "env", "cwd", "port", "max_concurrency", "memory")
 
@@ -167,6 +168,7 @@ def _model(m: Mapping[str, Any], path: str, base: Path) -> ModelSpec:
         stop_timeout=get(m, "stop_timeout", path, float, 10.0, positive),
         port=port,
         memory=parse_memory(m["memory"], f"{path}.memory") if "memory" in m else None,
+        spread=get(m, "spread", path, bool, False),
     )
 
 
@@ -245,6 +247,9 @@ def parse_models(raw_models: object, base: Path) -> list[ModelSpec]:
         check_keys(m, _MODEL_KEYS, path)
         if "name" not in m:
             raise ConfigError(f"{path}.name: missing (every model needs a name)")
+        if "spread" in m and "upstreams" not in m:
+            raise ConfigError(f"{path}.spread: only for a model with upstreams (replicas to "
+                              "spread it over)")
         specs = _replicas(m, path, base) if "upstreams" in m else [_model(m, path, base)]
         for spec in specs:
             for name in {spec.name, spec.public_name}:

@@ -22,6 +22,17 @@ The choice, among the replicas not refused:
 A replica whose group is swapping it out (or evicting it) counts as not
 loaded: a request sent there would wait for the next load.
 
+**Spreading** (``models[].spread``, off by default).  Rules 1 and 2 keep a hot
+model on the replica that has it, however long its queue, while another GPU
+may sit idle.  With ``spread``, when no replica holding the model has a free
+slot, a request goes instead to a replica where the model is being loaded, or
+starts a load on one whose group is idle (nothing in flight, nothing queued,
+no swap running), if it would start sooner there: the wait for a slot where
+the model is, ``(queued + 1 - free slots) / slots x`` its mean service time,
+against the load's observed mean time (plus the queue already waiting for
+that load).  Nothing busy is evicted for it, and without observed times
+(no request served, no load seen in either group) the rules above decide.
+
 Ties go to the replica listed first.  A replica the scheduler refuses (a
 failed swap, :meth:`~jano.scheduler.replicas.Replicas.mark_down`, ``lost``, a stall, an
 unreachable server) is skipped, and so is a loaded one the health monitor
@@ -88,9 +99,16 @@ def _others_waiting(m: Model) -> int:
 def best(candidates: Sequence[Model]) -> Model:
     """The replica a request goes to, by the rules above; ``candidates`` in configuration order."""
     loaded = [m for m in candidates if is_loaded(m)]
-    if loaded:  # rules 1 and 2: a free slot means a load below 1
-        return min(loaded, key=_load)
     pending = [m for m in candidates if m.group is not None and m.group.swapping_to is m]
+    if loaded:  # rules 1 and 2: a free slot means a load below 1
+        if not loaded[0].spec.spread:
+            return min(loaded, key=_load)
+        # Spreading uses idle GPUs only: a replica whose group has requests of
+        # other models waiting gets no more, so it drains and is handed back.
+        here = min(loaded, key=lambda m: (_others_waiting(m) > 0, _load(m)))
+        if _load(here) >= 1:
+            return _spread(here, candidates, loaded, pending) or here
+        return here
     if pending:
         return min(pending, key=_load)
     means = [m.group.swap_mean if m.group is not None else None for m in candidates]
@@ -99,6 +117,47 @@ def best(candidates: Sequence[Model]) -> Model:
         not _can_start(candidates[i]), not candidates[i].live, means[i] if known else 0.0,
         _others_waiting(candidates[i]), i))
     return candidates[ranked[0]]
+
+
+def _slot_wait(m: Model, service: float) -> float:
+    """Seconds until a slot of ``m`` is free for one more request, its queue served first."""
+    slots = max(1, m.spec.max_concurrency)
+    return max(0, m.in_flight + m.live + 1 - slots) / slots * service
+
+
+def _idle(m: Model) -> bool:
+    """Nothing of ``m``'s group is in flight, queued, or being swapped: a load there delays no one."""
+    g = m.group
+    return g is not None and not g.busy and all(x.in_flight == 0 and x.live == 0
+                                                 for x in g.members)
+
+
+def _spread(here: Model, candidates: Sequence[Model], loaded: Sequence[Model],
+            pending: Sequence[Model]) -> Model | None:
+    """The replica a request goes to instead of ``here`` (loaded, no free slot), or ``None``."""
+    service = here.service_mean
+    if service is None:
+        return None
+    stay = _slot_wait(here, service)
+    best_cost, choice = stay, None
+    for m in candidates:
+        if m in loaded:
+            continue
+        g = m.group
+        assert g is not None
+        load = g.swap_mean if g.swap_mean is not None else (
+            here.group.swap_mean if here.group is not None else None)
+        if load is None:
+            continue
+        if m in pending:
+            cost = load + _slot_wait(m, service)
+        elif _idle(m):
+            cost = load
+        else:
+            continue
+        if cost < best_cost:
+            best_cost, choice = cost, m
+    return choice
 
 
 def aggregate(name: str, states: Sequence[ModelState]) -> ModelState:

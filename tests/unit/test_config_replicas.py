@@ -25,6 +25,11 @@ def test_a_list_of_urls_gives_one_replica_per_url_each_in_its_own_group() -> Non
     assert (b.name, b.group, b.upstream, b.serves) == ("qwen@2", "qwen@2", "http://127.0.0.3:8080",
                                                        "qwen")
     assert a.kind == b.kind == "openai" and a.health == "/v1/models" and a.max_concurrency == 2
+    assert not a.spread and not b.spread
+    spread = parse_config(doc({"name": "qwen", "upstreams": ["http://127.0.0.2:8080",
+                                                            "http://127.0.0.3:8080"],
+                               "spread": True}, swap={"command": ["true"]}))
+    assert [m.spread for m in spread.models] == [True, True]
     (public,) = cfg.client_models()
     assert public.name == "qwen" and public.replicas == ("qwen@1", "qwen@2")
     assert public.upstream == "" and public.max_concurrency == 4 and public.group == "qwen@1+qwen@2"
@@ -82,6 +87,10 @@ def test_managed_replicas_get_their_own_port_and_the_model_name_in_their_command
      "models[0] (q).upstreams[0].group: expected a non-empty group name without @ or +"),
     ({"name": "q", "upstreams": ["http://h:{port}"]},
      "models[0] (q).upstreams[0] (q@1).url: {port} is only for a model with a command"),
+    ({"name": "q", "upstream": "http://h", "spread": True},
+     "models[0].spread: only for a model with upstreams"),
+    ({"name": "q", "upstreams": ["http://h"], "spread": "yes"},
+     "models[0] (q).upstreams[0] (q@1).spread: expected"),
 ])
 def test_replica_mistakes_are_one_line(model: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -7,6 +7,7 @@ in memory: the forward goes to the chosen replica, clients see one model.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,9 +31,9 @@ from test_proxy import HostAgent, World
 from test_scheduler import FakeSwapper, Result, SwapFailure
 
 
-def rep(group: str, conc: int = 1) -> ModelSpec:
+def rep(group: str, conc: int = 1, spread: bool = False) -> ModelSpec:
     return ModelSpec(f"qwen@{group}", f"http://{group}.example:8080", group=group,
-                     max_concurrency=conc, serves="qwen")
+                     max_concurrency=conc, serves="qwen", spread=spread)
 
 
 class Rig:
@@ -129,6 +130,87 @@ def test_the_load_goes_where_it_can_start_now_then_to_the_faster_group() -> None
     rig3.admit()
     rig3.turn()
     assert rig3.swapper.last().target == "qwen@a"
+
+
+def spread_rig(service: float, *others: ModelSpec, conc_b: int = 1) -> tuple[Rig, Result]:
+    """qwen loaded on a after a 3 s load, one request served there in ``service`` s, one in flight."""
+    rig = Rig([rep("a", spread=True), rep("b", conc=conc_b, spread=True), *others])
+    first = rig.admit()
+    rig.turn()
+    rig.clock.advance(3.0)
+    rig.swapper.last().succeed()
+    rig.clock.advance(service)
+    rig.r.release(first.ticket)
+    busy = rig.admit()
+    assert served_by(busy) == "qwen@a"
+    return rig, busy
+
+
+def test_with_spread_a_request_that_would_wait_longer_than_a_load_loads_an_idle_replica() -> None:
+    rig, busy = spread_rig(10.0)
+    # a's one slot is taken for ~10 s; b is idle and a load took 3 s: load there.
+    r1 = rig.admit()
+    rig.turn()
+    assert [(c.group, c.target) for c in rig.swapper.calls][-1] == ("b", "qwen@b")
+    # While b loads, the next one weighs a's queue (10 s) against b's load plus
+    # b's own queue (3 + 10 s): it stays on a; the one after that goes to b.
+    r2, r3 = rig.admit(), rig.admit()
+    assert (rig.state("qwen@a").queued, rig.state("qwen@b").queued) == (1, 2)
+    rig.swapper.last().succeed()
+    assert served_by(r1) == "qwen@b" and r2.waiting and r3.waiting
+    rig.r.release(busy.ticket)
+    assert served_by(r2) == "qwen@a"
+
+
+def test_with_spread_short_requests_stay_in_the_queue_of_the_replica_holding_the_model() -> None:
+    rig, busy = spread_rig(1.0)  # a slot frees in ~1 s, a load takes 3 s
+    r = rig.admit()
+    rig.turn()
+    assert r.waiting and len(rig.swapper.calls) == 1
+    rig.r.release(busy.ticket)
+    assert served_by(r) == "qwen@a"
+
+
+def test_spread_never_loads_where_another_model_has_work() -> None:
+    mist = ModelSpec("mist", "http://b.example:8080", group="b")
+    rig, busy = spread_rig(10.0, mist)
+    other = Result(rig.s.admit("mist"))  # b loads mist and serves it
+    rig.turn()
+    rig.swapper.last().succeed()
+    assert other.ticket is not None
+    r = rig.admit()
+    rig.turn()
+    assert r.waiting and rig.swapper.last().target == "mist"  # no load of qwen on b
+    assert rig.state("qwen@a").queued == 1
+
+
+def test_a_replica_spread_to_is_handed_back_when_another_model_waits_there() -> None:
+    mist = ModelSpec("mist", "http://b.example:8080", group="b")
+    rig, busy = spread_rig(10.0, mist, conc_b=2)
+    spilled = rig.admit()  # loads qwen on the idle b
+    rig.turn()
+    rig.swapper.last().succeed()
+    assert served_by(spilled) == "qwen@b"
+    waiting = Result(rig.s.admit("mist"))  # b's other model now waits
+    r = rig.admit()  # b has a free slot, but it goes to a's queue: b drains for mist
+    assert r.waiting and rig.state("qwen@a").queued == 1
+    rig.r.release(spilled.ticket)
+    rig.turn()
+    assert rig.swapper.last().target == "mist" and waiting.waiting
+    rig.swapper.last().succeed()
+    assert waiting.ticket is not None
+
+
+def test_without_spread_the_replica_holding_the_model_keeps_its_queue() -> None:
+    rig, busy = spread_rig(10.0)
+    rig.r.set_models([replace(s, spread=False) for s in (rep("a"), rep("b"))])
+    for name in ("qwen@a", "qwen@b"):
+        m = rig.s.record(name)
+        assert m is not None
+        m.spec = replace(m.spec, spread=False)
+    r = rig.admit()
+    rig.turn()
+    assert r.waiting and len(rig.swapper.calls) == 1
 
 
 def test_a_loaded_replica_probed_down_is_skipped_while_another_is_left() -> None:

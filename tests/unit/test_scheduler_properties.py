@@ -620,10 +620,11 @@ class ReplicaWorld(World):
 def replica_setups(draw: Any, *, failures: bool, cancels: bool, ample: bool
                    ) -> tuple[Setup, list[tuple[float, str]]]:
     models: list[ModelSpec] = []
+    spread = draw(st.booleans())  # models[].spread: a long queue may load an idle replica
     for group in ("gpu", "gpu1"):
         conc = 64 if ample else draw(st.integers(1, 3))
         models.append(ModelSpec(f"{PUBLIC}@{group}", "http://127.0.0.1:1", group=group,
-                                max_concurrency=conc, serves=PUBLIC))
+                                max_concurrency=conc, serves=PUBLIC, spread=spread))
         for i in range(draw(st.integers(0, 2))):
             models.append(ModelSpec(f"{group}-m{i}", "http://127.0.0.1:1", group=group,
                                     max_concurrency=64 if ample else draw(st.integers(1, 3))))
