@@ -118,7 +118,7 @@ def in_threads(n: int, call: Any) -> tuple[list[threading.Thread], list[Any]]:
 # --- a host's server dies: managed replicas ----------------------------------------------------
 
 
-def managed_config(port_base: int) -> str:
+def managed_config(port_base: int, spread: bool = False) -> str:
     a = fake_argv(HOSTS[0], "{port}", "--gen-tok-s", "11", "--delay-ms", "150")
     b = fake_argv(HOSTS[1], "{port}", "--gen-tok-s", "22", "--delay-ms", "150")
     return f"""
@@ -136,6 +136,7 @@ database = ""
 [[models]]
 name = "qwen-chat"
 max_concurrency = 1
+spread = {str(spread).lower()}
 upstreams = [
   {{ url = {toml(f"http://{HOSTS[0]}:{{port}}")}, group = "host-a", command = {toml(a)} }},
   {{ url = {toml(f"http://{HOSTS[1]}:{{port}}")}, group = "host-b", command = {toml(b)} }},
@@ -186,6 +187,30 @@ def test_killing_one_hosts_server_sends_queued_and_new_requests_to_the_other(
         assert 'jano_model_loaded{model="qwen-chat"} 1.0' in metrics
         models = json.loads(get(jano.url + "/v1/models")[2])["data"]
         assert [m["id"] for m in models] == ["qwen-chat"]
+    finally:
+        assert jano.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+
+
+def test_with_spread_a_long_queue_on_one_host_loads_the_model_on_the_idle_other(
+        tmp_path: Path) -> None:
+    jano = start_jano(tmp_path, managed_config(min(free_port(), 65000), spread=True))
+    try:
+        # One streamed request (~3 s) teaches Jano the request time; host a's load
+        # (a Python server starting, ~0.5 s) teaches it the load time.
+        code, _, body = chat(jano.url, max_tokens=20, stream=True)
+        assert code == 200, body
+        assert served_by_speed(jano.url, 1) == [11.0]
+        # Host a's one slot busy for ~3 s: the next request would start sooner on
+        # host b after a load there, so it loads b instead of queueing on a.
+        threads, results = in_threads(2, lambda: chat(jano.url, max_tokens=20, stream=True))
+        for t in threads:
+            t.join(60)
+        assert [r[0] if isinstance(r, tuple) else r for r in results] == [200, 200], results
+        assert sorted(served_by_speed(jano.url, 2), key=lambda x: x or 0) == [11.0, 22.0]
+        a, b = (replica(jano.url, f"qwen-chat@{h}") for h in ("host-a", "host-b"))
+        assert a["status"] == b["status"] == "loaded"
+        swaps = status(jano.url)["recentSwaps"]
+        assert sorted(s["group"] for s in swaps if s["kind"] == "swap") == ["host-a", "host-b"]
     finally:
         assert jano.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
 
