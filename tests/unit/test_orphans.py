@@ -9,6 +9,7 @@ laid out like ``/proc``, with the kills recorded; the real thing is in
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import signal
 from pathlib import Path
@@ -164,3 +165,32 @@ def test_the_keeper_claims_at_start_marks_each_server_and_releases_at_a_clean_st
     reactor.processes[-1].exit(0)
     assert done.called
     assert not (tmp_path / "runs" / "c0ffee00.run").exists()
+
+
+def test_a_runs_folder_that_cannot_be_written_only_costs_a_warning(tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+
+    proc = FakeProc(tmp_path / "proc")
+    (tmp_path / "not-a-folder").write_text("")
+    runs = proc.runs(tmp_path / "not-a-folder" / "runs")
+    reactor = FakeProcessReactor()
+    supervisor = Supervisor(reactor, killpg=reactor.killpg, is_free=lambda port: True,
+                            env={"PATH": "/bin"}, run_token=runs.token)
+    swapper = ManagedSwapper(reactor, supervisor, None, lambda url: succeed(200),
+                             ready_timeout=10.0)
+    keeper = ServerKeeper(reactor, swapper, lambda m, s: None, runs)
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        seen.append(str(event.get("log_format", "")))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        keeper.start([replace(CHAT, always_on=True)])
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert any("cannot record this run" in s for s in seen)
+    assert reactor.processes, "the always_on server is started all the same"
+    done = keeper.stop()
+    reactor.processes[-1].exit(0)
+    assert done.called
