@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import succeed
+from twisted.logger import capturedLogs
 
 from jano.config import parse_config
 from jano.config.parse import default_runs_dir
@@ -168,8 +169,6 @@ def test_the_keeper_claims_at_start_marks_each_server_and_releases_at_a_clean_st
 
 
 def test_a_runs_folder_that_cannot_be_written_only_costs_a_warning(tmp_path: Path) -> None:
-    from twisted.logger import globalLogPublisher
-
     proc = FakeProc(tmp_path / "proc")
     (tmp_path / "not-a-folder").write_text("")
     runs = proc.runs(tmp_path / "not-a-folder" / "runs")
@@ -179,17 +178,9 @@ def test_a_runs_folder_that_cannot_be_written_only_costs_a_warning(tmp_path: Pat
     swapper = ManagedSwapper(reactor, supervisor, None, lambda url: succeed(200),
                              ready_timeout=10.0)
     keeper = ServerKeeper(reactor, swapper, lambda m, s: None, runs)
-    seen: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        seen.append(str(event.get("log_format", "")))
-
-    globalLogPublisher.addObserver(observe)
-    try:
+    with capturedLogs() as events:
         keeper.start([replace(CHAT, always_on=True)])
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    assert any("cannot record this run" in s for s in seen)
+    assert any("cannot record this run" in str(e.get("log_format")) for e in events)
     assert reactor.processes, "the always_on server is started all the same"
     done = keeper.stop()
     reactor.processes[-1].exit(0)
