@@ -82,6 +82,10 @@ class ModelUnavailable(Exception):
         self.retry_after = retry_after
 
 
+class ModelRemoved(ModelUnavailable):
+    """A reload removed the model (as named) while the request waited for it."""
+
+
 class Draining(Exception):
     """Jano is shutting down and admits nothing new."""
 

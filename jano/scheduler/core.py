@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 
-from jano.errors import Busy, Draining, ModelUnavailable, QueueFull
+from jano.errors import Busy, Draining, ModelRemoved, ModelUnavailable, QueueFull
 from jano.interfaces import Swapper
 from jano.records import ModelSpec, SchedulerSnapshot, SwapEvent, Ticket
 from jano.scheduler.policy import Policy
@@ -311,7 +311,7 @@ class Scheduler(Policy):
         """
         Apply a reloaded configuration.  Queued and in-flight requests of models
         that still exist are kept; waiters of removed models fail with
-        :class:`ModelUnavailable`.  A model that leaves its group (removed,
+        :class:`ModelRemoved` (a :class:`ModelUnavailable`).  A model that leaves its group (removed,
         moved, made always_on) while resident keeps the slot until its
         in-flight requests end; the slot is unknown after that.  ``budgets``
         (``None``: unchanged) replaces every group's memory budget; nothing
@@ -332,8 +332,8 @@ class Scheduler(Policy):
             m = self._models.pop(name)
             m.removed = True
             for w in m.take_live():
-                self._fail_waiter(w, ModelUnavailable(name, "model removed from configuration",
-                                                      self.retry_backoff))
+                self._fail_waiter(w, ModelRemoved(name, "model removed from configuration",
+                                                  self.retry_backoff))
             if m.in_flight:
                 self._retired[name] = m
             self.log.info("model {model} removed from configuration ({in_flight} in flight)",

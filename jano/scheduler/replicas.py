@@ -44,7 +44,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from jano.errors import Busy, ModelUnavailable, QueueFull
+from jano.errors import Busy, ModelRemoved, ModelUnavailable, QueueFull
 from jano.records import (HealthState, ModelSpec, ModelState, SchedulerSnapshot, SwapEvent,
                           Ticket)
 from jano.scheduler.choice import UNHEALTHY, aggregate, best, is_loaded, model_health
@@ -75,6 +75,9 @@ class _Placement:
         """Queue on the best replica not tried yet; a refusal at once tries the next."""
         owner = self.owner
         while not self.outer.called:
+            if self.model not in owner.served:  # a reload made it one model: queue there
+                self._as_one_model()
+                return
             name = owner.choose(self.model, self.tried)
             if name is None:
                 self._give_up()
@@ -92,6 +95,20 @@ class _Placement:
             if not self._again:
                 return
 
+    def _as_one_model(self) -> None:
+        try:
+            d = self.owner.scheduler.admit(self.model)
+        except KeyError:
+            self._give_up()
+            return
+        self.inner = d
+        d.addCallbacks(self._admitted, self._failed, callbackArgs=(self.model,))
+
+    def _failed(self, failure: Failure) -> None:
+        self.inner = None
+        if not self.outer.called:
+            self.outer.errback(failure)
+
     def _cancel(self, _: Deferred[Ticket]) -> None:
         if self.inner is not None:
             self.inner.cancel()  # its CancelledError fails ``outer`` (see _refused)
@@ -103,6 +120,7 @@ class _Placement:
             return
         if self.errors:
             ticket.failovers = len(self.errors)
+        if ticket.arrived_at != self.arrived_at:  # queued again since it came (failover, reload)
             ticket.requeued_at = ticket.arrived_at
             ticket.arrived_at = self.arrived_at
         self.outer.callback(ticket)
@@ -193,6 +211,11 @@ class Replicas:
             out[model] = model_health(states, names)
         return out
 
+    @property
+    def served(self) -> Mapping[str, tuple[str, ...]]:
+        """Each model served by replicas, with its replicas' names."""
+        return self._served
+
     def replicas_of(self, model: str) -> tuple[str, ...]:
         """The replicas serving ``model`` (empty: it has none)."""
         return self._served.get(model, ())
@@ -266,12 +289,24 @@ class Replicas:
         chosen, and again on another when that one becomes unavailable.
         """
         if model not in self._served:
-            return self.scheduler.admit(model)
+            return self.scheduler.admit(model).addErrback(self._removed, model,
+                                                          self.clock.seconds())
         if self.scheduler.draining:
             return self.scheduler.admit(self._served[model][0])  # fails with Draining
-        placement = _Placement(self, model, self.clock.seconds())
+        return self._place(model, self.clock.seconds())
+
+    def _place(self, model: str, arrived_at: float) -> Deferred[Ticket]:
+        placement = _Placement(self, model, arrived_at)
         placement.next()
         return placement.outer
+
+    def _removed(self, failure: Failure, model: str,
+                 arrived_at: float) -> Deferred[Ticket]:
+        """A reload turned ``model`` into replicas while its request waited: queue it on one."""
+        failure.trap(ModelRemoved)
+        if model not in self._served or self.scheduler.draining:
+            return fail(failure)
+        return self._place(model, arrived_at)
 
     def release(self, ticket: Ticket) -> None:
         self.scheduler.release(ticket)

@@ -554,6 +554,41 @@ def test_a_replica_that_keeps_dropping_connections_gets_one_more_try_then_a_502(
     assert w.usage()[0]["outcome"] == "upstream_error"
 
 
+def test_a_reload_that_turns_a_model_into_replicas_moves_its_queue_onto_them() -> None:
+    one = ModelSpec("qwen", "http://a.example:8080", group="a", max_concurrency=1)
+    rig = Rig([one], initial={"a": "qwen"})
+    running, queued = rig.admit(), rig.admit()
+    assert running.ticket.model == "qwen" and queued.waiting
+    rig.clock.advance(5.0)
+    new = [rep("a"), rep("b")]
+    rig.r.set_models(new)
+    rig.s.reconfigure(new, max_wait=120.0, max_queue=256)
+    rig.turn()
+    # Not a 503: queued again on a replica (b can load it now; a still serves the old request).
+    assert rig.swapper.last().target == "qwen@b"
+    rig.swapper.last().succeed()
+    assert served_by(queued) == "qwen@b"
+    assert queued.ticket.arrived_at == 0.0 and queued.ticket.requeued_at == 5.0
+    rig.r.release(running.ticket)
+    rig.r.release(queued.ticket)
+
+
+def test_a_reload_that_turns_replicas_into_one_model_moves_their_queue_onto_it() -> None:
+    rig = Rig([rep("a"), rep("b")], initial={"a": "qwen@a", "b": "qwen@b"})
+    running = [rig.admit(), rig.admit()]
+    queued = rig.admit()
+    assert queued.waiting
+    one = [ModelSpec("qwen", "http://a.example:8080", group="a", max_concurrency=1)]
+    rig.r.set_models(one)
+    rig.s.reconfigure(one, max_wait=120.0, max_queue=256)
+    rig.turn()
+    for r in running:  # the replicas' requests in flight end as usual
+        rig.r.release(r.ticket)
+    rig.turn()
+    rig.swapper.last().succeed()
+    assert queued.ticket is not None and queued.ticket.model == "qwen"
+
+
 def test_a_reload_that_removes_a_replica_moves_its_queue_to_the_others() -> None:
     rig = Rig([rep("a"), rep("b")], initial={"a": "qwen@a"})
     running, queued = rig.admit(), rig.admit()
