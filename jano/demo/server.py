@@ -3,7 +3,8 @@
 
 It reads a request (:mod:`jano.demo.parsing`), decides the answer, and hands
 the bytes (:mod:`jano.demo.formats`) to a writer (:mod:`jano.demo.streams`)
-when the answer outlives ``render``.  Served through a plain twisted.web leaf
+when the answer outlives ``render``; status lines, headers and errors in the
+backend's shape are :mod:`jano.demo.replies`'.  Served through a plain twisted.web leaf
 resource.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, replace
-from http import HTTPStatus
 from typing import Any, Callable, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred, succeed
@@ -27,6 +27,7 @@ from jano.demo.parsing import (INFERENCE, MAX_BODY_TEXT_BYTES, MAX_CHUNK_BYTES, 
                                MAX_REQUEST_BYTES, MAX_STREAM_TEXT_BYTES, MAX_TOKENS, ROUTES,
                                Knobs, count_words, is_unload, parse_body, parse_knobs,
                                token_limit)
+from jano.demo.replies import Replies
 from jano.demo.streams import DelayedAnswer, Outcome, PacedStream
 
 __all__ = ["CRASH_FLUSH", "FakeModelServer", "SeenRequest"]
@@ -44,15 +45,6 @@ class SeenRequest:
     path: str
     #: The body's ``model`` field, ``None`` when absent or not a JSON string.
     model: Optional[str]
-
-
-def _set_status(request: Request, status: int) -> None:
-    """Set ``status`` with its standard reason phrase (Twisted lacks some, e.g. 429)."""
-    try:
-        phrase = HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        phrase = None
-    request.setResponseCode(status, phrase)
 
 
 class FakeModelServer:
@@ -127,7 +119,7 @@ class FakeModelServer:
             raise ValueError("crash_after must be at least 0")
         self.clock = reactor_or_clock
         self.models: tuple[str, ...] = tuple(models)
-        self.flavor: Flavor = flavor
+        self.reply = Replies(flavor)
         self.gen_tok_s = float(gen_tok_s)
         self.prompt_tok_s = float(prompt_tok_s)
         self.default_tokens = default_tokens
@@ -155,6 +147,14 @@ class FakeModelServer:
         self._serial = 0
 
     # -- state and counters ---------------------------------------------------------
+
+    @property
+    def flavor(self) -> Flavor:
+        return self.reply.flavor
+
+    @flavor.setter
+    def flavor(self, flavor: Flavor) -> None:
+        self.reply.flavor = flavor
 
     def set_loaded(self, model: Optional[str]) -> None:
         """End any loading; ``model`` is now resident (``None``: nothing is, answer 503)."""
@@ -238,8 +238,8 @@ class FakeModelServer:
         path = request.path
         if path.startswith(b"/fake/"):
             if method == b"GET" and path == b"/fake/stats":
-                return self._json(request, 200, dumps(self.stats()), JSON_PLAIN)
-            return self._not_found(request)
+                return self.reply.json(request, 200, dumps(self.stats()), JSON_PLAIN)
+            return self.reply.not_found(request)
         route = ROUTES.get((method, path))
         body: Optional[dict[str, Any]] = None
         bad_body: Optional[str] = None
@@ -249,7 +249,7 @@ class FakeModelServer:
         self.seen.append(SeenRequest(method.decode("latin-1"), path.decode("latin-1"),
                                      model if isinstance(model, str) else None))
         if route is None:
-            return self._unavailable(request) if self.loading else self._not_found(request)
+            return self._unavailable(request) if self.loading else self.reply.not_found(request)
         if route not in INFERENCE:
             if self.loading or self.loaded_model is None:
                 return self._unavailable(request)
@@ -272,19 +272,19 @@ class FakeModelServer:
             return self._unavailable(request)
         knobs = self._knobs(request)
         if isinstance(knobs, str):
-            return self._error(request, 400, knobs, ollama=native)
+            return self.reply.error(request, 400, knobs, ollama=native)
         if knobs.status is not None:
-            return self._error(request, knobs.status,
+            return self.reply.error(request, knobs.status,
                                f"fake error (X-Fake-Status: {knobs.status})")
         if body is None:
-            return self._error(request, 400, bad_body or "no body", ollama=native)
+            return self.reply.error(request, 400, bad_body or "no body", ollama=native)
 
         limit = token_limit(route, body)
         if isinstance(limit, str):
-            return self._error(request, 400, limit, ollama=native)
+            return self.reply.error(request, 400, limit, ollama=native)
         n = self.default_tokens if limit is None else limit
         if n > MAX_TOKENS:
-            return self._error(request, 400, f"the fake sends at most {MAX_TOKENS} tokens",
+            return self.reply.error(request, 400, f"the fake sends at most {MAX_TOKENS} tokens",
                                ollama=native)
         if native:
             stream = body.get("stream") is not False
@@ -292,7 +292,7 @@ class FakeModelServer:
             stream = body.get("stream") is True
         text_bytes = n * (len(b"Tok0@") + 20 + knobs.chunk_bytes)
         if text_bytes > (MAX_STREAM_TEXT_BYTES if stream else MAX_BODY_TEXT_BYTES):
-            return self._error(request, 400, "response too large for the fake", ollama=native)
+            return self.reply.error(request, 400, "response too large for the fake", ollama=native)
 
         requested = body.get("model")
         model = requested if isinstance(requested, str) and requested else self.models[0]
@@ -309,7 +309,7 @@ class FakeModelServer:
             reason = "unload" if is_unload(body.get("keep_alive")) else "load"
             payload = formats.ollama_load(model, self.clock.seconds(), chat=route == "ochat",
                                           reason=reason)
-            return self._json(request, 200, payload, JSON_LLAMA)
+            return self.reply.json(request, 200, payload, JSON_LLAMA)
 
         options = body.get("stream_options")
         g = Generation(
@@ -325,7 +325,7 @@ class FakeModelServer:
         if stream:
             plan = formats.stream_plan(route, g)
             request.setResponseCode(200)
-            self._headers(request, NDJSON if native else EVENT_STREAM, sse=not native)
+            self.reply.headers(request, NDJSON if native else EVENT_STREAM, sse=not native)
             def cut() -> None:  # the first content chunk is out: crash once it has left
                 self.clock.callLater(CRASH_FLUSH, self._crash, request)
 
@@ -339,9 +339,9 @@ class FakeModelServer:
         sent = knobs.fail_after if fails and knobs.fail_after is not None else n
         wait = max(0, sent - 1) * knobs.delay
         if not fails and wait == 0:
-            return self._json(request, 200, payload, json_type)
+            return self.reply.json(request, 200, payload, json_type)
         request.setResponseCode(200)
-        self._headers(request, json_type)
+        self.reply.headers(request, json_type)
         DelayedAnswer(request, self.clock, self._record, wait, None if fails else payload)
         return NOT_DONE_YET
 
@@ -368,41 +368,19 @@ class FakeModelServer:
 
     # -- answers --------------------------------------------------------------------
 
-    def _headers(self, request: Request, content_type: bytes, sse: bool = False) -> None:
-        request.setHeader(b"content-type", content_type)
-        if self.flavor == "llamacpp":
-            request.setHeader(b"server", b"llama.cpp")
-            request.setHeader(b"access-control-allow-origin", b"")
-            if sse:
-                request.setHeader(b"x-accel-buffering", b"no")
-
-    def _json(self, request: Request, status: int, payload: bytes,
-              content_type: bytes) -> bytes:
-        _set_status(request, status)
-        self._headers(request, content_type)
-        return payload
-
-    def _error(self, request: Request, status: int, message: str, *,
-               ollama: bool = False) -> bytes:
-        payload, content_type = formats.error_body(self.flavor, status, message, ollama=ollama)
-        return self._json(request, status, payload, content_type)
-
-    def _not_found(self, request: Request) -> bytes:
-        return self._error(request, 404, "File Not Found")
-
     def _unavailable(self, request: Request) -> bytes:
         if not self.loading:
-            return self._error(request, 503, "Model not loaded")
+            return self.reply.error(request, 503, "Model not loaded")
         if self.flavor == "llamacpp":  # llama-server closes while loading
             request.setHeader(b"connection", b"close")
             channel = request.channel  # gone from the request once it finishes
             request.notifyFinish().addBoth(lambda _: channel.loseConnection())
-        return self._error(request, 503, "Loading model")
+        return self.reply.error(request, 503, "Loading model")
 
     def _info(self, request: Request, route: str) -> bytes:
         payload, content_type = formats.listing(route, self.flavor, self.models,
                                                 self.loaded_model, self.clock.seconds())
-        return self._json(request, 200, payload, content_type)
+        return self.reply.json(request, 200, payload, content_type)
 
 
 class _FakeResource(Resource):
