@@ -278,12 +278,16 @@ class JanoService(MultiService):
                                    min_residency=new.scheduler.min_residency,
                                    ttl=new.scheduler.ttl, budgets=_budgets(new))
         if isinstance(self.swapper, (ScriptSwapper, ManagedSwapper)):
+            keeper = self.keeper
             self.swapper = self._swapper(new)
             self.scheduler.swapper = self.swapper
             if self.keeper is not None:
                 self.keeper.scheduler = self.scheduler
                 self.telemetry.set_processes(self.keeper.supervisor.statuses)
-                self.keeper.reload(new.models)
+                if keeper is None and self.running:  # the first managed model came by reload
+                    self.keeper.start(new.models)
+                else:
+                    self.keeper.reload(new.models)
         self.telemetry.set_models(new.client_models())
         self.health.set_models(new.models)
         self.forwarder.upstream_timeout = new.server.upstream_timeout

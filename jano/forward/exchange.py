@@ -32,6 +32,10 @@ from jano.usage import TailBuffer, extract_usage, with_router_timing
 
 #: Bytes of each body's tail kept for token counting.
 TAIL_BYTES = 64 * 1024
+#: Seconds after the forward within which a replica closing the connection
+#: without an answer gets the request queued once more (it died as the
+#: request reached it); later, the server may have worked on it.
+LOST_RETRY = 2.0
 
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
 
@@ -278,11 +282,14 @@ class Exchange:
         elif failure.check(ResponseNeverReceived, RequestTransmissionFailed):
             status, msg = 502, f"upstream for model {name!r} closed the connection without answering"
             # A replica's server dying (or closing a pooled connection as it was
-            # reused) before any byte of an answer: the client has seen nothing,
-            # so the request is queued once more.  The choice may pick the same
-            # replica: a server that died refuses the connection (and is left for
-            # the others then), one that closed an idle connection answers.
-            if instance.serves is not None and not self._lost_once:
+            # reused) as the request reached it, before any byte of an answer: the
+            # client has seen nothing, so the request is queued once more.  The
+            # choice may pick the same replica: a server that died refuses the
+            # connection (and is left for the others then), one that closed an
+            # idle connection answers.  Not after LOST_RETRY: by then the server
+            # may have worked on it (its own timeout ending a long generation).
+            if (instance.serves is not None and not self._lost_once and self._forwarded_at
+                    is not None and self.fwd.clock.seconds() - self._forwarded_at <= LOST_RETRY):
                 self._lost_once = True
                 if self._queue_again("gave no answer"):
                     return

@@ -25,7 +25,8 @@ loaded: a request sent there would wait for the next load.
 **Spreading** (``models[].spread``, off by default).  Rules 1 and 2 keep a hot
 model on the replica that has it, however long its queue, while another GPU
 may sit idle.  With ``spread``, when no replica holding the model has a free
-slot, a request goes instead to a replica where the model is being loaded, or
+slot (a holder whose group has another model's request waiting is passed over
+while another replica holds the model), a request goes instead to a replica where the model is being loaded, or
 starts a load on one whose group is idle (nothing in flight, nothing queued,
 no swap running), if it would start sooner there: the wait for a slot where
 the model is, ``(queued + 1 - free slots) / slots x`` its mean service time,

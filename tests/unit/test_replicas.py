@@ -554,6 +554,23 @@ def test_a_replica_that_keeps_dropping_connections_gets_one_more_try_then_a_502(
     assert w.usage()[0]["outcome"] == "upstream_error"
 
 
+def test_a_connection_closed_after_the_server_worked_on_it_is_not_sent_again() -> None:
+    w = ReplicaWorld(initial=True)
+
+    @implementer(IAgent)
+    class LateClose:
+        def request(self, *a: Any, **k: Any) -> "Deferred[IResponse]":
+            d: Deferred[IResponse] = Deferred()
+            w.clock.callLater(5.0, d.errback, lost())  # its own timeout, say: it may have run
+            return d
+
+    w.agent.agents[HOST_A] = w.agent.agents["user:secret@" + HOST_A] = LateClose()
+    w.clock.advance(100.0)
+    resp, body = w.call("POST", "/v1/chat/completions", CHAT, advance=6.0)
+    assert resp.code == 502, body
+    assert w.hosts() == [HOST_A]
+
+
 def test_a_reload_that_turns_a_model_into_replicas_moves_its_queue_onto_them() -> None:
     one = ModelSpec("qwen", "http://a.example:8080", group="a", max_concurrency=1)
     rig = Rig([one], initial={"a": "qwen"})

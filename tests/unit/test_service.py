@@ -133,3 +133,33 @@ def test_the_listener_gets_the_configured_limits_and_a_reload_changes_them() -> 
     assert not site.keys.open and not svc.app.keys.open
     svc.reload(_config(server=ServerConfig(max_connections=5, api_key=None)))
     assert site.max_connections == 5 and site.keys.open and svc.app.keys.open
+
+
+def test_a_reload_that_adds_the_first_managed_model_starts_its_keeper(tmp_path: Path) -> None:
+    import sys
+
+    from twisted.internet.defer import succeed
+
+    from jano.config import parse_config
+    from jano.swap.startup import with_ports
+    from jano.testing import FakeProcessReactor
+
+    base = {"telemetry": {"database": ""}, "processes": {"runs_dir": str(tmp_path / "runs")}}
+    plain = {"name": "a", "upstream": "http://127.0.0.1:9", "always_on": True}
+    managed = {"name": "m", "command": [sys.executable, "-c", "pass", "{port}"],
+               "always_on": True}
+    reactor = FakeProcessReactor()
+    svc = JanoService(parse_config({**base, "models": [plain]}), reactor,
+                      probe=lambda url: succeed(200), listen=False)
+    svc.startService()
+    assert svc.keeper is None
+    svc.reload(with_ports(parse_config({**base, "models": [plain, managed]})))
+    reactor.advance(0)
+    assert svc.keeper is not None
+    assert [p.args[-2] for p in reactor.processes] == ["pass"], "the always_on server started"
+    assert len(list((tmp_path / "runs").glob("*.run"))) == 1, "and the run is recorded"
+    stopped = svc.stopService()
+    reactor.processes[-1].exit(0)
+    reactor.advance(1)
+    assert stopped.called
+    assert list((tmp_path / "runs").glob("*.run")) == []
