@@ -183,18 +183,23 @@ def test_the_default_folder_follows_systemd_then_xdg_then_home() -> None:
         default_runs_dir(os.environ))
 
 
+def keeper_with(runs: Runs) -> tuple[FakeProcessReactor, ManagedSwapper, ServerKeeper]:
+    """A keeper over a fake process reactor, recording its run in ``runs``."""
+    reactor = FakeProcessReactor()
+    supervisor = Supervisor(reactor, killpg=reactor.killpg, is_free=lambda port: True,
+                            env={"PATH": "/bin"}, run_token=runs.token)
+    swapper = ManagedSwapper(reactor, supervisor, None, lambda url: succeed(200),
+                             ready_timeout=10.0)
+    return reactor, swapper, ServerKeeper(reactor, swapper, lambda m, s: None, runs)
+
+
 def test_the_keeper_claims_at_start_marks_each_server_and_releases_at_a_clean_stop(
         tmp_path: Path) -> None:
     proc = FakeProc(tmp_path / "proc")
     record(tmp_path / "runs", "deadbeef00000000", pid=100, start=1)
     proc.add(200, 2000, {RUN_ENV: "deadbeef00000000"})
     runs = proc.runs(tmp_path / "runs")
-    reactor = FakeProcessReactor()
-    supervisor = Supervisor(reactor, killpg=reactor.killpg, is_free=lambda port: True,
-                            env={"PATH": "/bin"}, run_token=runs.token)
-    swapper = ManagedSwapper(reactor, supervisor, None, lambda url: succeed(200),
-                             ready_timeout=10.0)
-    keeper = ServerKeeper(reactor, swapper, lambda m, s: None, runs)
+    reactor, swapper, keeper = keeper_with(runs)
 
     keeper.start([CHAT])
     assert proc.killed == [(200, signal.SIGKILL)]
@@ -214,12 +219,7 @@ def test_a_runs_folder_that_cannot_be_written_only_costs_a_warning(tmp_path: Pat
     proc = FakeProc(tmp_path / "proc")
     (tmp_path / "not-a-folder").write_text("")
     runs = proc.runs(tmp_path / "not-a-folder" / "runs")
-    reactor = FakeProcessReactor()
-    supervisor = Supervisor(reactor, killpg=reactor.killpg, is_free=lambda port: True,
-                            env={"PATH": "/bin"}, run_token=runs.token)
-    swapper = ManagedSwapper(reactor, supervisor, None, lambda url: succeed(200),
-                             ready_timeout=10.0)
-    keeper = ServerKeeper(reactor, swapper, lambda m, s: None, runs)
+    reactor, swapper, keeper = keeper_with(runs)
     with capturedLogs() as events:
         keeper.start([replace(CHAT, always_on=True)])
     assert any("cannot record this run" in str(e.get("log_format")) for e in events)
