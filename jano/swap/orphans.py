@@ -30,6 +30,7 @@ import re
 import secrets
 import signal
 import stat
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,6 +42,8 @@ _SUFFIX = ".run"
 _TOKEN = re.compile(r"[0-9a-f]{16}")
 #: A record is a few dozen bytes; anything larger is not one.
 _MAX_RECORD = 4096
+#: Seconds after which a half-written record (``<token>.tmp``) is left over from a crash.
+STALE_TMP = 60.0
 
 
 class Runs:
@@ -129,6 +132,14 @@ class Runs:
             if record is not None:
                 reaped[token] = self._kill_marked(token)
             self._unlink(path)
+        now = time.time()
+        for tmp in self.folder.glob("*.tmp"):  # a record half written when its Jano died
+            try:
+                stale = now - os.stat(tmp, follow_symlinks=False).st_mtime > STALE_TMP
+            except OSError:
+                continue
+            if stale and _TOKEN.fullmatch(tmp.name[:-len(".tmp")]):
+                self._unlink(tmp)
         return reaped
 
     # --- the records ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 from dataclasses import replace
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,19 @@ def test_what_is_not_a_record_is_skipped_and_the_next_dead_run_still_reaped(
     assert proc.runs(runs_dir).claim() == {"deadbeef00000000": [200]}
     left = sorted(p.name for p in runs_dir.iterdir())
     assert left == ["0000000000000001.run", "c0ffee0000000000.run", "not-a-token.run"]
+
+
+def test_a_half_written_record_left_by_a_crash_is_removed_once_stale(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    old, fresh = runs_dir / "deadbeef00000000.tmp", runs_dir / "aaaa111100000000.tmp"
+    old.write_text("{")
+    fresh.write_text("{")  # another Jano writing its record right now
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    proc.runs(runs_dir).claim()
+    assert sorted(p.name for p in runs_dir.iterdir()) == [
+        "aaaa111100000000.tmp", "c0ffee0000000000.run"]
 
 
 def test_a_folder_others_may_write_to_is_refused(tmp_path: Path) -> None:
