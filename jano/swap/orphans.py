@@ -24,6 +24,7 @@ Linux only (``/proc``); elsewhere it does nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -240,7 +241,13 @@ class Runs:
         if open_pidfd is None or send is None:
             os.kill(pid, signal.SIGKILL)
             return True
-        fd = open_pidfd(pid)
+        try:
+            fd = open_pidfd(pid)
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                raise  # ESRCH: gone (ProcessLookupError, skipped by the caller)
+            os.kill(pid, signal.SIGKILL)  # a kernel before 5.3, or a sandbox without pidfds
+            return True
         try:
             if not self._marked(pid, needle):  # pid reused between the scan and the open
                 return False

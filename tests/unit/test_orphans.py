@@ -241,3 +241,22 @@ def test_a_runs_folder_that_cannot_be_written_only_costs_a_warning(tmp_path: Pat
     done = keeper.stop()
     reactor.processes[-1].exit(0)
     assert done.called
+
+
+def test_without_pidfds_the_kill_falls_back_to_kill(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    proc = FakeProc(tmp_path / "proc")
+    record(tmp_path / "runs", "deadbeef00000000", pid=100, start=1)
+    proc.add(200, 2000, {RUN_ENV: "deadbeef00000000"})
+    killed: list[tuple[int, int]] = []
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    runs = Runs(tmp_path / "runs", token="c0ffee0000000000", pid=ME, proc=proc.root)
+    assert runs.claim() == {"deadbeef00000000": [200]}
+    assert killed == [(200, signal.SIGKILL)]
