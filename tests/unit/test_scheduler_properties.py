@@ -108,6 +108,8 @@ class World:
                            initial=setup.initial, on_swap=self.events.append,
                            collate=setup.collate, min_residency=setup.min_residency,
                            ttl=setup.ttl, budgets=setup.budgets)
+        #: Where requests are admitted (the scheduler, or replicas over it).
+        self.admission: Scheduler | Replicas = self.s
         self.seq = 0
         self.violations: list[str] = []
 
@@ -231,7 +233,7 @@ class World:
     def arrive(self, r: Req) -> None:
         r.seq = self.seq
         self.seq += 1
-        d = self.s.admit(r.model)
+        d = self.admission.admit(r.model)
         r.d = d
         d.addCallbacks(lambda t: self.served(r, t), lambda f: self.refused(r, f))
         if r.cancel_after is not None:
@@ -582,6 +584,7 @@ class ReplicaWorld(World):
     def __init__(self, setup: Setup, marks: Sequence[tuple[float, str]]) -> None:
         super().__init__(setup)
         self.r = Replicas(self.s, self.clock, setup.models)
+        self.admission = self.r
         self.marked: set[str] = set()
         for at, name in marks:
             self.clock.callLater(at, self.mark, name)
@@ -589,15 +592,6 @@ class ReplicaWorld(World):
     def mark(self, name: str) -> None:
         self.marked.add(name)
         self.r.mark_down(name, "stalled", 3.0)
-
-    def arrive(self, r: Req) -> None:
-        r.seq = self.seq
-        self.seq += 1
-        d = self.r.admit(r.model)
-        r.d = d
-        d.addCallbacks(lambda t: self.served(r, t), lambda f: self.refused(r, f))
-        if r.cancel_after is not None:
-            self.clock.callLater(r.cancel_after, d.cancel)
 
     def served(self, r: Req, t: Ticket) -> None:
         by = t.served_by
