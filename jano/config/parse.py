@@ -210,8 +210,13 @@ def default_database(env: Mapping[str, str] = os.environ) -> Path:
     state = env.get("STATE_DIRECTORY")
     if state:
         return Path(state.split(":")[0]) / "usage.sqlite3"
+    return _user_state(env) / "usage.sqlite3"
+
+
+def _user_state(env: Mapping[str, str]) -> Path:
+    """``$XDG_STATE_HOME/jano``, else ``~/.local/state/jano``."""
     xdg = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
-    return Path(xdg) / "jano" / "usage.sqlite3"
+    return Path(xdg) / "jano"
 
 
 def default_runs_dir(env: Mapping[str, str] = os.environ) -> Path:
@@ -227,8 +232,7 @@ def default_runs_dir(env: Mapping[str, str] = os.environ) -> Path:
     xdg_run = env.get("XDG_RUNTIME_DIR")
     if xdg_run:
         return Path(xdg_run) / "jano"
-    xdg = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
-    return Path(xdg) / "jano" / "runs"
+    return _user_state(env) / "runs"
 
 
 def default_config_paths(env: Mapping[str, str] = os.environ) -> list[Path]:

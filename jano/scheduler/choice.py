@@ -26,9 +26,10 @@ loaded: a request sent there would wait for the next load.
 model on the replica that has it, however long its queue, while another GPU
 may sit idle.  With ``spread``, when no replica holding the model has a free
 slot (a holder whose group has another model's request waiting is passed over
-while another replica holds the model), a request goes instead to a replica where the model is being loaded, or
-starts a load on one whose group is idle (nothing in flight, nothing queued,
-no swap running), if it would start sooner there: the wait for a slot where
+while another replica holds the model), a request goes instead to a replica
+where the model is being loaded, or starts a load on one whose group is idle
+(nothing in flight, nothing queued, no swap running), if it would start
+sooner there: the wait for a slot where
 the model is, ``(queued + 1 - free slots) / slots x`` its mean service time,
 against the load's observed mean time (plus the queue already waiting for
 that load).  Nothing busy is evicted for it, and without observed times
